@@ -1,0 +1,1 @@
+"""Sentence-embedding dual encoders trained with contrastive learning in JAX/Flax."""
