@@ -1,0 +1,129 @@
+"""Every configuration field, commented, at the original 1B-pairs recipe.
+
+The recipe of all-MiniLM-L6-v2 / multi-qa-MiniLM-L6-cos-v1 and the mpnet
+models of the Flax/JAX community week: global batch 1024 (128 per TPU v3
+core), AdamW lr 2e-5, 500 warmup steps then linear decay, grad-norm clip 1.0,
+max length 128, mean pooling, cosine similarity x 20, symmetric in-batch
+negatives loss.
+
+Other configs start from this one and change what their recipe changes.
+
+    python train.py --config configs/default.py --workdir runs/default \
+        --config.model.init=PATH_OR_HUB_ID
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+
+    # ---- Run length, seeds, logging ----
+    config.total_steps = 100_000  # optimizer updates; 0 = import-only run (checkpoint the init)
+    config.seed = 0  # seeds parameter init, dropout and the data order
+    config.log_every = 100  # steps between metric lines (console, metrics.jsonl, TensorBoard)
+    config.eval_every = 5_000  # steps between evaluations; 0 = only at the start and the end
+    config.eval_at_start = True  # evaluate the starting model before the first step
+    config.checkpoint_every = 5_000  # steps between checkpoints (the last step always saves)
+    config.keep_checkpoints = 3  # newest checkpoints kept in WORKDIR/checkpoints
+    config.best_metric = ""  # e.g. "eval/retrieval/mrr@10": also keep the best step in WORKDIR/best
+    config.best_mode = "max"  # "max" or "min": which direction of best_metric is better
+    config.resume_from = ""  # checkpoint step folder to start from when WORKDIR has none
+
+    # ---- Data (see data/README.md) ----
+    config.data_folder = "data"  # local path or gs:// bucket; data_config names are relative to it
+    config.data_config = "data_config.json"  # the mixture: [{"name", "lines", "weight"}, ...]
+    config.batch_size = 1024  # GLOBAL batch in rows (pairs/triplets), over all devices and hosts
+    config.data = ml_collections.ConfigDict(
+        dict(
+            datasets_per_batch=2,  # groups per global batch, each group from one dataset
+            max_length_anchor=128,  # token limit for column 0 (query/anchor)
+            max_length_document=128,  # token limit for the other columns
+            buckets=(32, 64, 128),  # padded lengths; () pads every batch to the max length
+            shuffle_buffer=100_000,  # lines held in memory when shuffling a streamed file
+            skip_duplicates=True,  # skip an example whose text already appears in the batch
+            max_bad_line_share=0.01,  # stop if a dataset's malformed-line share passes this
+            prefetch=4,  # batches prepared ahead in a background thread
+        )
+    )
+
+    # ---- Model ----
+    config.model = ml_collections.ConfigDict(
+        dict(
+            # Local folder (Hugging Face or sentence-transformers) or Hub id of the
+            # pretrained encoder; "" = random init from the sizes below.
+            init="",
+            # Untied towers only: init of the document tower ("" = same as init).
+            document_init="",
+            tied=True,  # one encoder for queries and documents; False = two towers
+            # Pooling: "cls" | "mean" | "max" | "mean_sqrt_len_tokens";
+            # unset = what the init's sentence-transformers folder says, else "mean".
+            pooling=config_dict.placeholder(str),
+            # L2-normalise embeddings; unset = as the init says, else False.
+            normalize=config_dict.placeholder(bool),
+            dtype="float32",  # compute dtype: "float32" or "bfloat16" (parameters stay float32)
+            remat=False,  # recompute each layer's activations in the backward pass
+            dropout=True,  # dropout during training (rates from the encoder config)
+            # Tokenizer folder or Hub id; "" = the init's tokenizer.
+            tokenizer="",
+            # Architecture for random init (ignored when init is set).
+            model_type="bert",  # "bert" | "distilbert" | "mpnet" | "roberta" | "xlm-roberta"
+            vocab_size=30522,
+            hidden_size=384,
+            num_layers=6,
+            num_heads=12,
+            intermediate_size=1536,
+            max_position_embeddings=512,
+        )
+    )
+
+    # ---- Loss ----
+    config.loss = ml_collections.ConfigDict(
+        dict(
+            kind="mnrl",  # "mnrl": in-batch negatives softmax; "margin_mse": distillation margins
+            similarity="cosine",  # "cosine" or "dot" (also written into the exported model)
+            scale=20.0,  # logits = scale * similarity (1.0 for dot product)
+            # "pairs": symmetric (a->b and b->a averaged) for pairs, one-way when the
+            # batch has hard negatives; "always"; "never".
+            symmetric="pairs",
+            mask_false_negatives=True,  # drop candidates whose text equals the anchor's positive
+            matryoshka_dims=(),  # e.g. (384, 256, 128, 64): loss summed over truncated sizes
+            matryoshka_weights=(),  # one weight per dim; () = all 1
+        )
+    )
+
+    # ---- Optimizer ----
+    config.optimizer = ml_collections.ConfigDict(
+        dict(
+            learning_rate=2e-5,  # peak learning rate
+            warmup_steps=500,  # linear warmup from 0
+            schedule="linear",  # decay after warmup: "linear" | "cosine" | "constant"
+            weight_decay=0.01,  # AdamW decay, not applied to biases and LayerNorm
+            b1=0.9,  # Adam first-moment decay
+            b2=0.999,  # Adam second-moment decay
+            eps=1e-6,  # Adam epsilon (transformers' AdamW default, used by the original)
+            grad_clip_norm=1.0,  # global-norm clipping; 0 = off
+        )
+    )
+
+    # ---- Parallelism and memory ----
+    config.mesh = ml_collections.ConfigDict(
+        dict(
+            data=-1,  # devices on the batch axis; -1 = all devices not used by fsdp
+            fsdp=1,  # devices that also split the parameters (large models)
+        )
+    )
+    config.grad_cache_chunk = 0  # rows per GradCache chunk (global); 0 = plain step
+
+    # ---- Evaluation during training ----
+    config.eval = ml_collections.ConfigDict(
+        dict(
+            sts_file="data/stsbenchmark.tsv.gz",  # STS benchmark; "" disables
+            sts_split="dev",  # "train" | "dev" | "test"
+            retrieval_file="data/debian_retrieval_dev.jsonl.gz",  # query/document set; "" disables
+            max_queries=0,  # retrieval queries used (0 = all); the corpus is always whole
+            batch_size=128,  # texts per encoding batch
+        )
+    )
+    return config

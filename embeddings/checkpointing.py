@@ -1,0 +1,166 @@
+"""Orbax checkpoints of a run: the train state and the input pipeline's position.
+
+Layout of a workdir:
+  WORKDIR/checkpoints/<step>/{state,data}   newest `keep` steps
+  WORKDIR/best/<step>/{state,data}          the best step by `best_metric`
+
+Orbax writes each step into a temporary folder and renames it when complete,
+so an interrupted save never replaces a good checkpoint. Saves are
+asynchronous: training goes on while the arrays are written.
+"""
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+CHECKPOINTS = "checkpoints"
+BEST = "best"
+
+
+def _manager(directory: epath.Path, options: ocp.CheckpointManagerOptions) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(directory, options=options, item_names=("state", "data"))
+
+
+def _args_save(state, data_state) -> ocp.args.Composite:
+    return ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {})
+    )
+
+
+class Checkpointer:
+    """Saves and restores a run's checkpoints.
+
+    Args:
+      workdir: the run's folder (local or gs://).
+      keep: newest checkpoints to keep.
+      best_metric: metric name (e.g. "eval/retrieval/mrr@10") whose best step is
+        also kept in WORKDIR/best; "" disables.
+      best_mode: "max" or "min".
+    """
+
+    def __init__(self, workdir, *, keep: int = 3, best_metric: str = "", best_mode: str = "max"):
+        self.workdir = epath.Path(workdir)
+        self.best_metric = best_metric
+        self.manager = _manager(
+            self.workdir / CHECKPOINTS,
+            ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        )
+        self.best = None
+        if best_metric:
+            self.best = _manager(
+                self.workdir / BEST,
+                ocp.CheckpointManagerOptions(
+                    max_to_keep=1,
+                    best_fn=lambda metrics: metrics[best_metric],
+                    best_mode=best_mode,
+                    create=True,
+                ),
+            )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, data_state: dict) -> None:
+        """Starts an asynchronous save of `step` (returns before it is written)."""
+        if step in self.manager.all_steps():
+            return
+        self.manager.save(step, args=_args_save(state, data_state), force=True)
+
+    def save_if_best(self, step: int, state, data_state: dict, metrics: dict) -> None:
+        """Offers `step` to WORKDIR/best; Orbax keeps it only if it is the best so far."""
+        if self.best is None or self.best_metric not in metrics:
+            return
+        if step in self.best.all_steps():
+            return
+        self.best.save(
+            step,
+            args=_args_save(state, data_state),
+            metrics={self.best_metric: float(metrics[self.best_metric])},
+            force=True,
+        )
+
+    def restore_latest(self, abstract_state) -> tuple[object, dict, int] | None:
+        """The newest readable checkpoint: (state, data_state, step), or None.
+
+        A checkpoint that fails to read (corrupt or half-copied files) is
+        skipped with a warning and the next older one is tried.
+        """
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                state, data = restore_step(self.manager, step, abstract_state)
+            except Exception as e:  # any read failure: try an older one
+                logging.warning(
+                    "Checkpoint %s is unreadable (%s: %s); falling back to an older one.",
+                    self.workdir / CHECKPOINTS / str(step),
+                    type(e).__name__,
+                    str(e).splitlines()[0] if str(e) else "",
+                )
+                continue
+            return state, data, step
+        return None
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+        if self.best is not None:
+            self.best.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+        if self.best is not None:
+            self.best.close()
+
+
+def restore_step(manager: ocp.CheckpointManager, step: int, abstract_state) -> tuple[object, dict]:
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+        ),
+    )
+    return restored.state, dict(restored.data or {})
+
+
+def restore_from_path(path, abstract_state) -> tuple[object, dict]:
+    """Restores a checkpoint from a step folder (`.../checkpoints/<step>`)."""
+    path = epath.Path(path)
+    if not (path / "state").exists():
+        raise FileNotFoundError(
+            f"{path} is not a checkpoint step folder (no 'state' inside): pass a path like "
+            "WORKDIR/checkpoints/<step>."
+        )
+    manager = _manager(path.parent, ocp.CheckpointManagerOptions(read_only=True))
+    return restore_step(manager, int(path.name), abstract_state)
+
+
+def find_checkpoint(workdir, *, step: int | None = None, best: bool = False) -> epath.Path:
+    """The step folder to read: a given step, the best one, or the latest.
+
+    `workdir` may also be a step folder itself, which is returned unchanged.
+    """
+    workdir = epath.Path(workdir)
+    if (workdir / "state").exists():
+        return workdir
+    folder = workdir / (BEST if best else CHECKPOINTS)
+    steps = (
+        sorted(int(p.name) for p in folder.glob("*") if p.name.isdigit()) if folder.exists() else []
+    )
+    if not steps:
+        raise FileNotFoundError(
+            f"No checkpoint in {folder}: train first, or pass --step / a step folder."
+        )
+    if step is None:
+        return folder / str(steps[-1])
+    if step not in steps:
+        raise FileNotFoundError(f"No checkpoint for step {step} in {folder}; available: {steps}.")
+    return folder / str(step)
+
+
+def restore_params(path) -> dict:
+    """Reads the parameters of a checkpoint step folder as host arrays.
+
+    Needs no model or optimizer to be built first (export and evaluation use it).
+    """
+    tree = ocp.PyTreeCheckpointer().restore(epath.Path(path) / "state")
+    return jax.tree.map(np.asarray, tree["params"])

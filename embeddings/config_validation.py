@@ -1,0 +1,118 @@
+"""Start-up checks of a training config: each error names the key and the fix.
+
+Misspelt keys are already errors (the config is locked); this catches values
+that are out of range or contradict each other, before any data is read or
+model loaded.
+"""
+
+import ml_collections
+
+from embeddings.models import POOLING_MODES
+from embeddings.optim import SCHEDULES
+from embeddings.train_step import LOSS_KINDS, SYMMETRIC_CHOICES
+
+MODEL_TYPES = ("bert", "distilbert", "mpnet", "roberta", "xlm-roberta")
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the key and what to do."""
+
+
+def _choice(key: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"config.{key}={value!r} is not one of {tuple(choices)}.")
+
+
+def _positive(key: str, value, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"config.{key}={value!r} must be {bound}.")
+
+
+def validate(config: ml_collections.ConfigDict, *, process_count: int = 1) -> None:
+    """Raises ConfigError on the first invalid or contradictory setting."""
+    _positive("total_steps", config.total_steps, allow_zero=True)
+    _positive("batch_size", config.batch_size)
+    for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
+        _positive(key, config[key])
+    _positive("eval_every", config.eval_every, allow_zero=True)
+    _choice("best_mode", config.best_mode, ("max", "min"))
+
+    d = config.data
+    groups = d.datasets_per_batch * process_count
+    if config.batch_size % groups:
+        raise ConfigError(
+            f"config.batch_size={config.batch_size} must be divisible by "
+            f"config.data.datasets_per_batch ({d.datasets_per_batch}) x processes "
+            f"({process_count}) = {groups}."
+        )
+    for key in ("max_length_anchor", "max_length_document"):
+        _positive(f"data.{key}", d[key])
+    if d.buckets and max(d.buckets) < max(d.max_length_anchor, d.max_length_document):
+        raise ConfigError(
+            f"config.data.buckets={tuple(d.buckets)} stop below the max lengths "
+            f"({d.max_length_anchor}, {d.max_length_document}): add the max length as the last "
+            "bucket, or use buckets=() to pad to the max length."
+        )
+
+    m = config.model
+    _choice("model.dtype", m.dtype, ("float32", "bfloat16"))
+    if m.pooling is not None:
+        _choice("model.pooling", m.pooling, POOLING_MODES)
+    if not m.init:
+        _choice("model.model_type", m.model_type, MODEL_TYPES)
+        if not m.tokenizer:
+            raise ConfigError(
+                "config.model.init is empty (random init) and config.model.tokenizer is empty: "
+                "a randomly initialised model needs a tokenizer folder or Hub id, e.g. "
+                "--config.model.tokenizer=data/tokenizers/bert-uncased."
+            )
+        if m.hidden_size % m.num_heads:
+            raise ConfigError(
+                f"config.model.hidden_size={m.hidden_size} is not divisible by "
+                f"config.model.num_heads={m.num_heads}."
+            )
+    if m.document_init and m.tied:
+        raise ConfigError(
+            "config.model.document_init is set but config.model.tied=True: a tied model has one "
+            "encoder. Set --config.model.tied=False for separate query and document towers."
+        )
+
+    loss = config.loss
+    _choice("loss.kind", loss.kind, LOSS_KINDS)
+    _choice("loss.similarity", loss.similarity, ("cosine", "dot"))
+    _choice("loss.symmetric", loss.symmetric, SYMMETRIC_CHOICES)
+    _positive("loss.scale", loss.scale)
+    if loss.matryoshka_weights and len(loss.matryoshka_weights) != len(loss.matryoshka_dims):
+        raise ConfigError(
+            f"config.loss.matryoshka_weights has {len(loss.matryoshka_weights)} entries but "
+            f"config.loss.matryoshka_dims has {len(loss.matryoshka_dims)}: give one weight per "
+            "dim, or () for equal weights."
+        )
+    if loss.kind == "margin_mse" and loss.matryoshka_dims:
+        raise ConfigError("config.loss.matryoshka_dims is only supported with loss.kind='mnrl'.")
+
+    opt = config.optimizer
+    _choice("optimizer.schedule", opt.schedule, SCHEDULES)
+    _positive("optimizer.learning_rate", opt.learning_rate)
+    _positive("optimizer.warmup_steps", opt.warmup_steps, allow_zero=True)
+    _positive("optimizer.weight_decay", opt.weight_decay, allow_zero=True)
+    _positive("optimizer.grad_clip_norm", opt.grad_clip_norm, allow_zero=True)
+
+    chunk = config.grad_cache_chunk
+    _positive("grad_cache_chunk", chunk, allow_zero=True)
+    if chunk and config.batch_size % chunk:
+        raise ConfigError(
+            f"config.grad_cache_chunk={chunk} must divide config.batch_size={config.batch_size}."
+        )
+
+    if config.best_metric and not (config.eval.sts_file or config.eval.retrieval_file):
+        raise ConfigError(
+            f"config.best_metric={config.best_metric!r} needs an evaluator, but "
+            "config.eval.sts_file and config.eval.retrieval_file are both empty."
+        )
+    if config.best_metric and not config.best_metric.startswith("eval/"):
+        raise ConfigError(
+            f"config.best_metric={config.best_metric!r} must name an evaluation metric, "
+            "e.g. 'eval/retrieval/mrr@10' or 'eval/sts/spearman_cosine'."
+        )

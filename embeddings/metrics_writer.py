@@ -1,0 +1,94 @@
+"""Where training metrics go: metrics.jsonl, TensorBoard, the console.
+
+Only process 0 writes. `WORKDIR/metrics.jsonl` holds one JSON object per
+logged step (`step`, `loss`, `learning_rate`, `grad_norm`, `pairs_per_second`,
+...) and one per evaluation (`step` and `eval/<name>/<metric>` keys). A resumed
+run appends; entries past the resumed step (written after the checkpoint the
+run went back to) are dropped first, so each step appears once.
+"""
+
+import json
+import math
+import sys
+
+from absl import logging
+from etils import epath
+
+CONSOLE_KEYS = (
+    ("loss", "loss {:.4f}"),
+    ("accuracy", "acc {:.3f}"),
+    ("learning_rate", "lr {:.2e}"),
+    ("grad_norm", "|g| {:.3f}"),
+    ("steps_per_second", "{:.2f} steps/s"),
+    ("pairs_per_second", "{:.1f} pairs/s"),
+    ("tokens_per_second", "{:.0f} tok/s"),
+    ("mfu", "MFU {:.1%}"),
+)
+
+
+def _jsonable(value):
+    value = float(value) if not isinstance(value, (int, str)) else value
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class MetricWriter:
+    """Writes metric dicts to the workdir and the console.
+
+    Args:
+      workdir: the run's folder (local or gs://).
+      enabled: False on every process but the first.
+      resume_step: step the run continues from; later lines of an earlier
+        attempt are dropped from metrics.jsonl.
+    """
+
+    def __init__(self, workdir, *, enabled: bool = True, resume_step: int = 0):
+        self.enabled = enabled
+        self._tensorboard = None
+        if not enabled:
+            return
+        self.path = epath.Path(workdir) / "metrics.jsonl"
+        if self.path.exists():
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+            ]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        try:
+            from tensorboardX import SummaryWriter
+
+            self._tensorboard = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
+        except ImportError:  # TensorBoard is optional; metrics.jsonl is always written
+            logging.warning("tensorboardX is not installed: no TensorBoard event files.")
+
+    def write(self, step: int, metrics: dict, *, eta_seconds: float | None = None) -> None:
+        """Appends one record and prints a concise line."""
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tensorboard is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._tensorboard.add_scalar(key, value, step)
+            self._tensorboard.flush()
+        parts = [f"step {step}"]
+        parts += [fmt.format(metrics[k]) for k, fmt in CONSOLE_KEYS if k in metrics]
+        parts += [f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("eval/")]
+        if eta_seconds is not None:
+            parts.append(f"ETA {_duration(eta_seconds)}")
+        print(" | ".join(parts), file=sys.stdout, flush=True)
+
+    def close(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

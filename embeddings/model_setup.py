@@ -1,0 +1,171 @@
+"""Building the dual encoder a config asks for, and recording it in the workdir.
+
+`build_model` resolves `config.model`: a pretrained init (Hugging Face or
+sentence-transformers folder, or Hub id) or a random init from the sizes, the
+tokenizer, and the sentence settings (pooling, normalisation, max length,
+similarity) — the init's own unless the config overrides them.
+
+`save_model_files` writes what an exporter or evaluator needs besides the
+parameters into `WORKDIR/model/`: the encoder's config.json, the tokenizer, the
+sentence settings and the HF tensors the encoder does not train (e.g. BERT's
+pooler), so `load_model_files` can rebuild the model from a workdir alone.
+"""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
+
+from embeddings.dual_encoder import DualEncoder
+from embeddings.models import (
+    EncoderConfig,
+    SentenceEncoder,
+    SentenceSpec,
+    load_pretrained,
+    load_tokenizer,
+)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+MODEL_FILES = "model"
+
+
+@dataclasses.dataclass
+class ModelSetup:
+    """A dual encoder ready to train.
+
+    Attributes:
+      model: the pure functions (architecture, pooling, towers).
+      params: initial parameters (host arrays), `DualEncoder` layout.
+      extras: per tower, HF tensors kept verbatim for export.
+      tokenizer: the fast tokenizer.
+      spec: pooling, normalisation, max length and similarity of the model.
+      sources: per tower, where its initial weights came from ("" = random).
+    """
+
+    model: DualEncoder
+    params: dict
+    extras: dict[str, dict[str, np.ndarray]]
+    tokenizer: object
+    spec: SentenceSpec
+    sources: dict[str, str]
+
+
+def _random_encoder_config(m: ml_collections.ConfigDict, tokenizer) -> EncoderConfig:
+    return EncoderConfig.for_family(
+        m.model_type,
+        vocab_size=m.vocab_size,
+        hidden_size=m.hidden_size,
+        num_layers=m.num_layers,
+        num_heads=m.num_heads,
+        intermediate_size=m.intermediate_size,
+        max_position_embeddings=m.max_position_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def build_model(config: ml_collections.ConfigDict, *, seed: int | None = None) -> ModelSetup:
+    """Resolves `config.model` into a dual encoder with its initial parameters."""
+    m = config.model
+    seed = config.seed if seed is None else seed
+    dtype = DTYPES[m.dtype]
+    if m.init:
+        query = load_pretrained(m.init)
+        tokenizer = load_tokenizer(m.tokenizer or query.model_dir)
+        encoder_config, base_spec = query.config, query.spec
+    else:
+        tokenizer = load_tokenizer(m.tokenizer)
+        encoder_config, base_spec = _random_encoder_config(m, tokenizer), SentenceSpec()
+        query = None
+    if len(tokenizer) > encoder_config.vocab_size:
+        raise ValueError(
+            f"The tokenizer has {len(tokenizer)} tokens but the encoder's vocabulary has "
+            f"{encoder_config.vocab_size}: set config.model.vocab_size (random init) or use the "
+            "init's own tokenizer (config.model.tokenizer='')."
+        )
+    spec = SentenceSpec(
+        pooling=m.pooling or base_spec.pooling,
+        normalize=base_spec.normalize if m.normalize is None else m.normalize,
+        max_seq_length=max(config.data.max_length_anchor, config.data.max_length_document),
+        similarity=config.loss.similarity,
+        do_lower_case=base_spec.do_lower_case,
+    )
+    model = DualEncoder(SentenceEncoder(encoder_config, spec, dtype=dtype, remat=m.remat), m.tied)
+
+    random_params = None
+    if query is None:
+        random_params = jax.tree.map(np.asarray, model.init(jax.random.PRNGKey(seed)))
+    params, extras, sources = {}, {}, {}
+    for tower in model.towers:
+        source = m.init
+        if tower == "document" and m.document_init:
+            source = m.document_init
+        if not source:
+            params[tower], extras[tower], sources[tower] = random_params[tower], {}, ""
+            continue
+        loaded = query if source == m.init else load_pretrained(source)
+        if loaded.config != encoder_config:
+            raise ValueError(
+                f"config.model.document_init={source!r} has a different architecture from "
+                f"config.model.init={m.init!r}; untied towers must share one architecture."
+            )
+        params[tower], extras[tower], sources[tower] = loaded.params, loaded.extras, source
+    return ModelSetup(model, params, extras, tokenizer, spec, sources)
+
+
+def save_model_files(setup: ModelSetup, workdir) -> None:
+    """Writes WORKDIR/model/: encoder config, tokenizer, sentence settings, extras."""
+    from safetensors.numpy import save_file
+
+    folder = epath.Path(workdir) / MODEL_FILES
+    folder.mkdir(parents=True, exist_ok=True)
+    description = {
+        "tied": setup.model.tied,
+        "towers": list(setup.model.towers),
+        "sources": setup.sources,
+        "dtype": jnp.dtype(setup.model.encoder.dtype).name,
+        "encoder_config": setup.model.encoder.config.to_hf(),
+        "spec": dataclasses.asdict(setup.spec),
+    }
+    (folder / "model.json").write_text(json.dumps(description, indent=2))
+    setup.tokenizer.save_pretrained(str(folder / "tokenizer"))
+    for tower, tensors in setup.extras.items():
+        if tensors:
+            save_file(dict(tensors), str(folder / f"extras_{tower}.safetensors"))
+
+
+@dataclasses.dataclass
+class ModelFiles:
+    """What `load_model_files` reads back from a workdir."""
+
+    model: DualEncoder
+    tokenizer: object
+    extras: dict[str, dict[str, np.ndarray]]
+    spec: SentenceSpec
+    sources: dict[str, str]
+
+
+def load_model_files(workdir, *, dtype: str | None = None) -> ModelFiles:
+    """Rebuilds the model description saved by `save_model_files`."""
+    from safetensors.numpy import load_file
+
+    folder = epath.Path(workdir) / MODEL_FILES
+    if not (folder / "model.json").exists():
+        raise FileNotFoundError(
+            f"{folder / 'model.json'} is missing: {workdir} is not a training workdir "
+            "(train.py writes it when a run starts)."
+        )
+    description = json.loads((folder / "model.json").read_text())
+    spec = SentenceSpec(**description["spec"])
+    encoder_config = EncoderConfig.from_hf(description["encoder_config"])
+    dtype = DTYPES[dtype or description["dtype"]]
+    model = DualEncoder(SentenceEncoder(encoder_config, spec, dtype=dtype), description["tied"])
+    extras = {}
+    for tower in description["towers"]:
+        path = folder / f"extras_{tower}.safetensors"
+        extras[tower] = load_file(str(path)) if path.exists() else {}
+    tokenizer = load_tokenizer(folder / "tokenizer")
+    return ModelFiles(model, tokenizer, extras, spec, description["sources"])

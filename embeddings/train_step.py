@@ -1,0 +1,288 @@
+"""The training step: loss on the global batch, gradients, AdamW update.
+
+Everything here is a pure function of (state, batch). `make_train_step`
+jits it over the mesh with the batch split over devices and the state donated;
+XLA inserts the all-gathers, so every anchor is scored against every candidate
+of every device and host.
+
+Two ways to get gradients, equal up to float rounding:
+- plain: one forward and backward over the whole batch;
+- GradCache (`grad_cache_chunk > 0`): embed the batch chunk by chunk without
+  keeping activations, take the loss gradient with respect to the embeddings,
+  then re-run each chunk and back-propagate that gradient. Activation memory
+  grows with the chunk, not the batch, for the price of one extra forward.
+"""
+
+import functools
+from collections.abc import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from embeddings import losses
+from embeddings.dual_encoder import DualEncoder
+from embeddings.sharding import DATA_AXES, batch_sharding, replicated
+
+LOSS_KINDS = ("mnrl", "margin_mse")
+SYMMETRIC_CHOICES = ("pairs", "always", "never")
+
+
+class TrainState(flax.struct.PyTreeNode):
+    """Everything a resumed run needs besides the input pipeline's position.
+
+    Attributes:
+      step: updates attempted so far (also the index of the next batch).
+      params: dual-encoder parameters (`DualEncoder` layout).
+      opt_state: optax state.
+      rng: raw uint32 PRNG key; dropout of step s uses fold_in(rng, s).
+      skipped: updates skipped because the gradients were not finite.
+    """
+
+    step: jax.Array
+    params: dict
+    opt_state: optax.OptState
+    rng: jax.Array
+    skipped: jax.Array
+
+
+def init_state(params, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        rng=jax.random.PRNGKey(seed),
+        skipped=jnp.zeros((), jnp.int32),
+    )
+
+
+def objective(embeddings: Sequence[jax.Array], batch: dict, loss_config: ml_collections.ConfigDict):
+    """The configured loss of one global batch, from its column embeddings.
+
+    Args:
+      embeddings: one [N, D] array per batch column (anchor, positive, negatives...).
+      batch: the batch (for `text_hash` and `margin`).
+      loss_config: `config.loss`.
+
+    Returns:
+      (loss, metrics).
+    """
+    cfg = loss_config
+    if cfg.kind == "margin_mse":
+        if len(embeddings) != 3 or "margin" not in batch:
+            raise ValueError(
+                "config.loss.kind='margin_mse' needs (query, positive, negative, margin) rows: "
+                "use datasets of kind 'margin' in the data config."
+            )
+
+        def loss_fn(embs):
+            return losses.margin_mse_loss(
+                *embs, batch["margin"], similarity=cfg.similarity, scale=cfg.scale
+            )
+    else:
+        symmetric = cfg.symmetric == "always" or (cfg.symmetric == "pairs" and len(embeddings) == 2)
+        hashes = {}
+        if cfg.mask_false_negatives:
+            hashes = dict(
+                anchor_hash=batch["text_hash"][:, 0], candidate_hash=batch["text_hash"][:, 1:]
+            )
+
+        def loss_fn(embs):
+            return losses.multiple_negatives_ranking_loss(
+                embs[0],
+                list(embs[1:]),
+                similarity=cfg.similarity,
+                scale=cfg.scale,
+                symmetric=symmetric,
+                **hashes,
+            )
+
+    if cfg.matryoshka_dims:
+        loss_fn = losses.matryoshka(loss_fn, cfg.matryoshka_dims, cfg.matryoshka_weights or None)
+    return loss_fn(list(embeddings))
+
+
+def _column_rng(rng, column: int, chunk=None):
+    if rng is None:
+        return None
+    rng = jax.random.fold_in(rng, column)
+    return rng if chunk is None else jax.random.fold_in(rng, chunk)
+
+
+def plain_loss_and_grads(params, batch, dropout_rng, *, model: DualEncoder, loss_config):
+    """((loss, metrics), grads) by one forward and backward over the whole batch."""
+
+    def loss_of_params(p):
+        embs = [
+            model.embed(p, c, ids, mask, dropout_rng=_column_rng(dropout_rng, c))
+            for c, (ids, mask) in enumerate(
+                zip(batch["input_ids"], batch["attention_mask"], strict=True)
+            )
+        ]
+        loss, metrics = objective(embs, batch, loss_config)
+        return loss, (metrics, embs)
+
+    (loss, (metrics, embs)), grads = jax.value_and_grad(loss_of_params, has_aux=True)(params)
+    return (loss, _with_embedding_norms(metrics, embs)), grads
+
+
+def _to_chunks(x, n: int, mesh: Mesh | None):
+    """[N, ...] -> [n, N/n, ...], chunk k = rows k, k+n, k+2n...
+
+    Strided rather than contiguous so each chunk takes the same number of rows
+    from every device's slice: every device stays busy on every chunk.
+    """
+    rows = x.shape[0]
+    x = jnp.swapaxes(x.reshape(rows // n, n, *x.shape[1:]), 0, 1)
+    if mesh is not None:
+        x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, DATA_AXES)))
+    return x
+
+
+def _from_chunks(x):
+    """Inverse of `_to_chunks`: [n, N/n, ...] -> [N, ...] in the original row order."""
+    x = jnp.swapaxes(x, 0, 1)
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def grad_cache_loss_and_grads(
+    params, batch, dropout_rng, *, model: DualEncoder, loss_config, chunk: int, mesh=None
+):
+    """((loss, metrics), grads) by gradient caching, `chunk` rows at a time."""
+    rows = batch["input_ids"][0].shape[0]
+    if rows % chunk:
+        raise ValueError(f"config.grad_cache_chunk={chunk} must divide the global batch ({rows}).")
+    n = rows // chunk
+    columns = list(zip(batch["input_ids"], batch["attention_mask"], strict=True))
+    chunk_index = jnp.arange(n)
+
+    def embed_chunk(p, c, ids, mask, k):
+        return model.embed(p, c, ids, mask, dropout_rng=_column_rng(dropout_rng, c, k))
+
+    # 1. Embeddings of every chunk, no activations kept (lax.map is a scan
+    #    without a backward pass, so its memory is one chunk's).
+    frozen = jax.lax.stop_gradient(params)
+    embs = []
+    for c, (ids, mask) in enumerate(columns):
+        chunked = (_to_chunks(ids, n, mesh), _to_chunks(mask, n, mesh), chunk_index)
+        out = jax.lax.map(lambda xs, c=c: embed_chunk(frozen, c, *xs), chunked)
+        embs.append(_from_chunks(out))
+
+    # 2. Loss and its gradient with respect to the embeddings: small arrays.
+    (loss, metrics), emb_grads = jax.value_and_grad(
+        lambda e: objective(e, batch, loss_config), has_aux=True
+    )(embs)
+
+    # 3. Re-run each chunk and back-propagate its slice of the embedding gradient.
+    grads = jax.tree.map(jnp.zeros_like, params)
+    for c, (ids, mask) in enumerate(columns):
+
+        def backward(acc, xs, c=c):
+            ids_k, mask_k, k, g_k = xs
+            _, vjp = jax.vjp(lambda p: embed_chunk(p, c, ids_k, mask_k, k), params)
+            return jax.tree.map(jnp.add, acc, vjp(g_k)[0]), None
+
+        xs = (
+            _to_chunks(ids, n, mesh),
+            _to_chunks(mask, n, mesh),
+            chunk_index,
+            _to_chunks(emb_grads[c], n, mesh),
+        )
+        grads, _ = jax.lax.scan(backward, grads, xs)
+    return (loss, _with_embedding_norms(metrics, embs)), grads
+
+
+def _with_embedding_norms(metrics: dict, embs) -> dict:
+    metrics = dict(metrics)
+    metrics["query_norm"] = jnp.mean(jnp.linalg.norm(embs[0], axis=-1))
+    metrics["document_norm"] = jnp.mean(jnp.linalg.norm(jnp.concatenate(embs[1:]), axis=-1))
+    return metrics
+
+
+def loss_and_grads(
+    params, batch, dropout_rng, *, model, loss_config, grad_cache_chunk=0, mesh=None
+):
+    """Dispatches to the plain or the GradCache computation (same result)."""
+    if grad_cache_chunk:
+        return grad_cache_loss_and_grads(
+            params,
+            batch,
+            dropout_rng,
+            model=model,
+            loss_config=loss_config,
+            chunk=grad_cache_chunk,
+            mesh=mesh,
+        )
+    return plain_loss_and_grads(params, batch, dropout_rng, model=model, loss_config=loss_config)
+
+
+def train_step(
+    state: TrainState,
+    batch: dict,
+    *,
+    model: DualEncoder,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    loss_config,
+    grad_cache_chunk: int = 0,
+    dropout: bool = True,
+    mesh: Mesh | None = None,
+):
+    """One AdamW update; skipped (and counted) when the gradients are not finite."""
+    dropout_rng = jax.random.fold_in(state.rng, state.step) if dropout else None
+    (loss, metrics), grads = loss_and_grads(
+        state.params,
+        batch,
+        dropout_rng,
+        model=model,
+        loss_config=loss_config,
+        grad_cache_chunk=grad_cache_chunk,
+        mesh=mesh,
+    )
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    applied = state.step - state.skipped  # optax's own update count
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        skipped=state.skipped + (~finite).astype(jnp.int32),
+    )
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, learning_rate=schedule(applied))
+    metrics["skipped_updates"] = new_state.skipped
+    return new_state, metrics
+
+
+def make_train_step(
+    *,
+    model: DualEncoder,
+    optimizer,
+    schedule,
+    config: ml_collections.ConfigDict,
+    mesh: Mesh,
+    state_shardings,
+):
+    """`train_step` jitted over `mesh`: batch split over devices, state donated."""
+    step = functools.partial(
+        train_step,
+        model=model,
+        optimizer=optimizer,
+        schedule=schedule,
+        loss_config=config.loss,
+        grad_cache_chunk=config.grad_cache_chunk,
+        dropout=config.model.dropout,
+        mesh=mesh,
+    )
+    return jax.jit(
+        step,
+        in_shardings=(state_shardings, batch_sharding(mesh)),
+        out_shardings=(state_shardings, replicated(mesh)),
+        donate_argnums=(0,),
+    )

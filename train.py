@@ -1,0 +1,56 @@
+"""Trains a sentence-embedding dual encoder.
+
+    python train.py --config configs/quickstart.py --workdir runs/quickstart
+    python train.py --config configs/minilm_l6.py --workdir gs://bucket/run \
+        --config.data_folder=gs://bucket/1b-pairs --config.batch_size=1024
+
+All local devices are used. On a multi-host TPU slice every worker runs the same
+command (scripts/tpu_vm.sh run does this) and JAX's distributed runtime is
+started automatically; elsewhere pass --coordinator_address, --num_processes
+and --process_id to every process.
+"""
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file (configs/*.py); override fields with --config.KEY=VALUE."
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (local or gs://): checkpoints, logs.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for multi-process runs off Cloud TPU."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (from 0).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _is_multihost_tpu() -> bool:
+    """Cloud TPU VMs of more than one host list their workers in this variable."""
+    return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    import jax
+
+    if _COORDINATOR.value:
+        jax.distributed.initialize(
+            coordinator_address=_COORDINATOR.value,
+            num_processes=_NUM_PROCESSES.value,
+            process_id=_PROCESS_ID.value,
+        )
+    elif _is_multihost_tpu():
+        jax.distributed.initialize()
+    logging.set_verbosity(logging.INFO if jax.process_index() == 0 else logging.WARNING)
+
+    from embeddings.trainer import train_and_evaluate
+
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)
