@@ -271,8 +271,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if process_index == 0 and step > start_step:
         total = time.perf_counter() - run_start
         print(f"Trained steps {start_step}..{step} in {total:.1f} s; workdir {workdir}", flush=True)
-    sys.stdout.flush()
+        print_eval_summary(read_metrics(workdir))
     return state
+
+
+def print_eval_summary(records: list[dict]) -> None:
+    """Prints each evaluation metric at the first and the last evaluated step."""
+    evals = [r for r in records if any(k.startswith("eval/") for k in r)]
+    if len(evals) < 2:
+        return
+    first, last = evals[0], evals[-1]
+    print(f"\n| metric | step {first['step']} | step {last['step']} | change |")
+    print("|---|---|---|---|")
+    for key in sorted(k for k in last if k.startswith("eval/") and k in first):
+        change = last[key] - first[key]
+        print(f"| {key} | {first[key]:.4f} | {last[key]:.4f} | {change:+.4f} |")
+    sys.stdout.flush()
 
 
 def read_metrics(workdir) -> list[dict]:
