@@ -1,0 +1,325 @@
+"""Contrastive and distillation losses on sentence embeddings.
+
+Every loss here is a pure function of embeddings (no model inside), written on the *global* batch:
+under `jax.jit` with the batch sharded over a mesh's `data` axis, XLA inserts the all-gathers, so
+in-batch negatives span every device and host. A GradCache step calls them on cached embeddings
+and takes `jax.grad` with respect to those embeddings.
+
+Each loss returns `(loss, metrics)`: a float32 scalar and a small dict of float32 scalars. The
+numbers follow sentence-transformers 6.2 (`MultipleNegativesRankingLoss`,
+`MultipleNegativesSymmetricRankingLoss`, `MarginMSELoss`, `MatryoshkaLoss`), which the tests use as
+the reference.
+"""
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+SIMILARITIES = ("cosine", "dot")
+
+# F.normalize's epsilon: norms below it are clamped, so an all-zero row maps to zero, not NaN.
+_NORM_EPS = 1e-12
+
+LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def _check_similarity(similarity: str) -> None:
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}.")
+
+
+def l2_normalize(x: jax.Array) -> jax.Array:
+    """Scales each row of `x` to unit L2 norm, as `torch.nn.functional.normalize`.
+
+    The clamp is applied to the squared norm so the gradient stays finite at a zero row.
+    """
+    squared = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
+    return x * jax.lax.rsqrt(jnp.maximum(squared, _NORM_EPS**2))
+
+
+def _prepare(x: jax.Array, similarity: str) -> jax.Array:
+    x = jnp.asarray(x, jnp.float32)
+    return l2_normalize(x) if similarity == "cosine" else x
+
+
+def similarity_scores(a: jax.Array, b: jax.Array, *, similarity: str, scale: float) -> jax.Array:
+    """All-pairs similarity between two sets of embeddings.
+
+    Args:
+      a: [N, D] embeddings.
+      b: [M, D] embeddings.
+      similarity: "cosine" (rows L2-normalised first, as `util.cos_sim`) or "dot"
+        (`util.dot_score`).
+      scale: multiplier applied to the similarities (20 for cosine, 1 for dot in the recipes).
+
+    Returns:
+      [N, M] float32 array, `scale * sim(a_i, b_j)`.
+    """
+    _check_similarity(similarity)
+    a, b = _prepare(a, similarity), _prepare(b, similarity)
+    # HIGHEST keeps float32 accuracy on TPU, whose default matmul precision is bfloat16 passes.
+    return scale * jnp.matmul(a, b.T, precision=jax.lax.Precision.HIGHEST)
+
+
+def pairwise_scores(a: jax.Array, b: jax.Array, *, similarity: str, scale: float) -> jax.Array:
+    """Row-wise similarity `scale * sim(a_i, b_i)`, [N] float32 (`util.pairwise_*` in ST)."""
+    _check_similarity(similarity)
+    a, b = _prepare(a, similarity), _prepare(b, similarity)
+    return scale * jnp.sum(a * b, axis=-1)
+
+
+def _as_columns(candidates: Sequence[jax.Array], name: str) -> list[jax.Array]:
+    """Validates a sequence of [N, D] columns and returns it as a list."""
+    if isinstance(candidates, jax.Array) or hasattr(candidates, "__array__"):
+        raise TypeError(
+            f"{name} must be a sequence of [N, D] arrays (e.g. [positives] or [positives, "
+            f"negatives]), got a single array of shape {jnp.shape(candidates)}."
+        )
+    columns = list(candidates)
+    if not columns:
+        raise ValueError(f"{name} must hold at least one [N, D] array (the positives).")
+    return columns
+
+
+def _check_same_shape(reference: jax.Array, arrays: Sequence[jax.Array], what: str) -> None:
+    for k, array in enumerate(arrays):
+        if array.ndim != 2 or array.shape != reference.shape:
+            raise ValueError(
+                f"{what}[{k}] has shape {array.shape}, expected {reference.shape} (the anchors' "
+                "[N, D] shape): every column needs one row per anchor."
+            )
+
+
+def _masked(logits: jax.Array, keep: jax.Array) -> jax.Array:
+    # The most negative float rather than -inf: exp() of it is exactly 0, and a row can never end
+    # up all -inf (the true positive is always kept), so no NaN reaches the loss or its gradient.
+    return jnp.where(keep, logits, jnp.finfo(logits.dtype).min)
+
+
+def _cross_entropy_diagonal(logits: jax.Array) -> jax.Array:
+    """Per-row cross-entropy of [N, M] logits whose label for row i is column i."""
+    positives = jnp.diagonal(logits[:, : logits.shape[0]])
+    return jax.nn.logsumexp(logits, axis=1) - positives
+
+
+def _false_negative_keep_masks(
+    anchor_hash: jax.Array, candidate_hash: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Which logits to keep when texts repeat inside the global batch.
+
+    Args:
+      anchor_hash: [N] hashes of the anchor texts.
+      candidate_hash: [N, K] hashes of the candidate texts (column 0: positives).
+
+    Returns:
+      keep_forward: [N, K*N] for anchor i against candidate column k, row j (laid out
+        column-major as the logits are). False where that candidate's text equals anchor i's
+        positive or anchor i itself, except the true positive (i, column 0, row i).
+      keep_backward: [N, N] for positive i against anchor j: False where anchor j's text equals
+        anchor i or positive i, except the true pair j == i.
+    """
+    n = anchor_hash.shape[0]
+    positive_hash = candidate_hash[:, 0]
+    flat = candidate_hash.T.reshape(-1)  # column-major: all positives, then each negative column
+    same_text = (flat[None, :] == positive_hash[:, None]) | (flat[None, :] == anchor_hash[:, None])
+    is_true_positive = jnp.arange(flat.shape[0])[None, :] == jnp.arange(n)[:, None]
+    keep_forward = ~same_text | is_true_positive
+
+    same_anchor = (anchor_hash[None, :] == anchor_hash[:, None]) | (
+        anchor_hash[None, :] == positive_hash[:, None]
+    )
+    keep_backward = ~same_anchor | jnp.eye(n, dtype=bool)
+    return keep_forward, keep_backward
+
+
+def multiple_negatives_ranking_loss(
+    anchors: jax.Array,
+    candidates: Sequence[jax.Array],
+    *,
+    similarity: str = "cosine",
+    scale: float = 20.0,
+    symmetric: bool = False,
+    anchor_hash: jax.Array | None = None,
+    candidate_hash: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """In-batch softmax cross-entropy over the whole global batch (InfoNCE).
+
+    Anchor i is scored against all N*K candidates (every positive and every hard negative of the
+    batch); its label is its own positive. Equals ST's `MultipleNegativesRankingLoss`, and with
+    `symmetric=True` ST's `MultipleNegativesSymmetricRankingLoss`: the mean of the anchor→candidate
+    cross-entropy and the positive→anchor one (positive i against all N anchors; hard negatives
+    take part only in the first direction).
+
+    Args:
+      anchors: [N, D] anchor (query) embeddings.
+      candidates: K >= 1 arrays of shape [N, D]: the positives, then the hard-negative columns.
+      similarity: "cosine" or "dot".
+      scale: logit multiplier (inverse temperature).
+      symmetric: also average in the positive→anchor direction.
+      anchor_hash: optional [N] uint32 hashes of the anchor texts, for false-negative masking.
+      candidate_hash: optional [N, K] uint32 hashes of the candidate texts. With both hashes, a
+        candidate whose text equals anchor i's positive or anchor i itself (other than the true
+        positive) is left out of anchor i's softmax; in the symmetric direction an anchor whose
+        text equals anchor i or positive i is left out of positive i's softmax.
+
+    Returns:
+      (loss, {"accuracy": share of anchors whose highest-scored candidate is their positive}).
+    """
+    columns = _as_columns(candidates, "candidates")
+    anchors = jnp.asarray(anchors)
+    if anchors.ndim != 2:
+        raise ValueError(f"anchors must be [N, D], got shape {anchors.shape}.")
+    _check_same_shape(anchors, columns, "candidates")
+    if (anchor_hash is None) != (candidate_hash is None):
+        raise ValueError(
+            "False-negative masking needs both anchor_hash [N] and candidate_hash [N, K]; "
+            "pass both or neither."
+        )
+    n, k = anchors.shape[0], len(columns)
+    masking = anchor_hash is not None
+    if masking and (anchor_hash.shape != (n,) or candidate_hash.shape != (n, k)):
+        raise ValueError(
+            f"anchor_hash must be [{n}] and candidate_hash [{n}, {k}] (N anchors, K candidate "
+            f"columns); got {anchor_hash.shape} and {candidate_hash.shape}."
+        )
+
+    # Column-major candidate layout (all positives first), as ST's torch.cat(docs), so the label of
+    # anchor i is column i.
+    forward_logits = similarity_scores(
+        anchors, jnp.concatenate(columns, axis=0), similarity=similarity, scale=scale
+    )
+    if masking:
+        keep_forward, keep_backward = _false_negative_keep_masks(anchor_hash, candidate_hash)
+        forward_logits = _masked(forward_logits, keep_forward)
+    per_anchor = _cross_entropy_diagonal(forward_logits)
+
+    if symmetric:
+        backward_logits = similarity_scores(columns[0], anchors, similarity=similarity, scale=scale)
+        if masking:
+            backward_logits = _masked(backward_logits, keep_backward)
+        per_anchor = 0.5 * (per_anchor + _cross_entropy_diagonal(backward_logits))
+
+    accuracy = jnp.mean((jnp.argmax(forward_logits, axis=1) == jnp.arange(n)).astype(jnp.float32))
+    return jnp.mean(per_anchor), {"accuracy": accuracy}
+
+
+def _margin_labels(margin: jax.Array, n: int, k: int) -> jax.Array:
+    """Teacher margins as [N, K], accepting ST's label layouts.
+
+    [N] (one negative), [N, K] (pos - neg_k margins) or [N, K+1] (teacher scores of the positive
+    and each negative, turned into margins).
+    """
+    margin = jnp.asarray(margin, jnp.float32)
+    if margin.shape == (n, k + 1):
+        return margin[:, :1] - margin[:, 1:]
+    if margin.shape == (n,):
+        margin = margin[:, None]
+    if margin.shape != (n, k):
+        raise ValueError(
+            f"margin has shape {margin.shape}; expected [{n}] or [{n}, {k}] (teacher "
+            f"sim(q, pos) - sim(q, neg) per negative) or [{n}, {k + 1}] (teacher scores of the "
+            "positive then of each negative)."
+        )
+    return margin
+
+
+def margin_mse_loss(
+    query: jax.Array,
+    positive: jax.Array,
+    negative: jax.Array | Sequence[jax.Array],
+    margin: jax.Array,
+    *,
+    similarity: str = "dot",
+    scale: float = 1.0,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """MarginMSE distillation, as ST's `MarginMSELoss` (msmarco-distilbert-dot-v5's objective).
+
+    The student margin `sim(q, pos) - sim(q, neg_k)` is regressed onto the teacher's margin with a
+    mean squared error over all rows and negatives.
+
+    Args:
+      query: [N, D] query embeddings.
+      positive: [N, D] positive passage embeddings.
+      negative: [N, D] negative passage embeddings, or a sequence of K such arrays.
+      margin: teacher margins, [N], [N, K], or [N, K+1] teacher scores (see `_margin_labels`).
+      similarity: "dot" (ST's default `pairwise_dot_score`) or "cosine".
+      scale: multiplier of the student similarities (1 reproduces ST).
+
+    Returns:
+      (loss, {"accuracy": share of (query, negative) pairs where the positive scores higher}).
+    """
+    query, positive = jnp.asarray(query), jnp.asarray(positive)
+    negatives = [negative] if hasattr(negative, "ndim") else _as_columns(negative, "negative")
+    _check_same_shape(query, [positive], "positive")
+    _check_same_shape(query, negatives, "negative")
+    labels = _margin_labels(margin, query.shape[0], len(negatives))
+
+    score = lambda docs: pairwise_scores(query, docs, similarity=similarity, scale=scale)
+    positive_score = score(positive)
+    negative_scores = jnp.stack([score(neg) for neg in negatives], axis=1)
+    student_margin = positive_score[:, None] - negative_scores
+    loss = jnp.mean(jnp.square(student_margin - jax.lax.stop_gradient(labels)))
+    accuracy = jnp.mean((student_margin > 0).astype(jnp.float32))
+    return loss, {"accuracy": accuracy}
+
+
+def _truncate(embeddings: Any, dim: int, position: int) -> Any:
+    def cut(x: jax.Array) -> jax.Array:
+        if jnp.ndim(x) != 2 or x.shape[-1] < dim:
+            raise ValueError(
+                f"matryoshka: positional argument {position} holds an array of shape "
+                f"{jnp.shape(x)}, but positional arguments must be [N, D] embeddings with "
+                f"D >= {dim} (the largest matryoshka dim). Pass other inputs (margins, hashes) "
+                "by keyword."
+            )
+        return x[:, :dim]
+
+    return jax.tree.map(cut, embeddings)
+
+
+def matryoshka(
+    loss_fn: LossFn, dims: Sequence[int], weights: Sequence[float] | None = None
+) -> LossFn:
+    """Wraps a loss so it is summed over embeddings truncated to several sizes.
+
+    As ST's `MatryoshkaLoss`: `sum_d weight_d * loss(embeddings[..., :d])`, dims taken from the
+    largest down. The wrapped function takes the same arguments as `loss_fn`; every *positional*
+    argument is an embedding array or a sequence of them and gets truncated, keyword arguments
+    (e.g. `margin=`, `anchor_hash=`) pass through unchanged.
+
+    ST's `shrink` L2-normalises each truncated embedding; here that happens only through
+    `similarity="cosine"` (identical values and gradients). With `similarity="dot"` the truncated
+    embeddings are left as they are, so the loss trains the dot product the model is used with
+    (ST would silently switch a dot-product loss to cosine).
+
+    Args:
+      loss_fn: a loss of this module (or any function returning `(loss, metrics)`).
+      dims: embedding sizes, e.g. (384, 256, 128, 64).
+      weights: one weight per dim (default all 1).
+
+    Returns:
+      A function returning `(weighted loss sum, metrics of the largest dim)`.
+    """
+    dims = [int(d) for d in dims]
+    if not dims or any(d <= 0 for d in dims):
+        raise ValueError(f"matryoshka dims must be a non-empty list of positive sizes, got {dims}.")
+    weights = [1.0] * len(dims) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(dims):
+        raise ValueError(
+            f"matryoshka weights ({len(weights)}) must have one entry per dim ({len(dims)})."
+        )
+    # Largest first, as ST sorts them: the summation order fixes the float32 rounding.
+    schedule = sorted(zip(dims, weights, strict=True), key=lambda dw: dw[0], reverse=True)
+
+    def wrapped(*embeddings: Any, **kwargs: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+        total, first_metrics = jnp.float32(0.0), None
+        for dim, weight in schedule:
+            truncated = [_truncate(e, dim, i) for i, e in enumerate(embeddings)]
+            loss, metrics = loss_fn(*truncated, **kwargs)
+            total = total + weight * loss
+            first_metrics = metrics if first_metrics is None else first_metrics
+        return total, first_metrics
+
+    return wrapped
