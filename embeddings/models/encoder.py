@@ -1,0 +1,89 @@
+"""The transformer encoder (Flax NNX) of every supported family.
+
+One class computes BERT/MiniLM, DistilBERT, MPNet, RoBERTa and XLM-RoBERTa: the
+families share the layer (see `layers.py`) and differ in traits that
+`EncoderConfig` derives from `model_type`. Parameter names are the project's own
+and the same for every family; `hf_weights.py` maps them to each family's
+Hugging Face names.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from embeddings.models.config import EncoderConfig
+from embeddings.models.layers import Embeddings, RelativePositionBias, TransformerLayer
+
+
+class Encoder(nnx.Module):
+    """Embeddings followed by `num_layers` transformer layers.
+
+    Parameters are float32 and initialised as Hugging Face does (normal with
+    `initializer_range`, LayerNorm 1/0, zero padding rows), so a randomly
+    initialised encoder trains like a fresh HF one.
+
+    Args:
+        config: Sizes and family.
+        rngs: Random streams for the parameter init (`params`, or the default).
+        dtype: Compute dtype, float32 or bfloat16.
+        remat: Rematerialise each layer in the backward pass (gradient
+            checkpointing): less activation memory for one more forward per layer.
+    """
+
+    def __init__(
+        self, config: EncoderConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, remat: bool = False
+    ):
+        if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+            raise ValueError(f"Encoder dtype must be float32 or bfloat16, got {dtype}.")
+        self.config = config
+        self.remat = remat
+        self.embeddings = Embeddings(config, rngs=rngs, dtype=dtype)
+        self.relative_attention_bias = (
+            RelativePositionBias(config, rngs=rngs)
+            if config.relative_attention_num_buckets
+            else None
+        )
+        self.layers = nnx.List(
+            [TransformerLayer(config, rngs=rngs, dtype=dtype) for _ in range(config.num_layers)]
+        )
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array,
+        token_type_ids: jax.Array | None = None,
+        *,
+        deterministic: bool = True,
+        rngs: nnx.Rngs | None = None,
+    ) -> jax.Array:
+        """Encodes a padded batch.
+
+        Args:
+            input_ids: [B, L] int token ids.
+            attention_mask: [B, L], 1 for real tokens and 0 for padding (either side).
+            token_type_ids: [B, L] segment ids, or None for all zeros; ignored by
+                families without token types.
+            deterministic: False turns dropout on (training).
+            rngs: With deterministic=False, random streams holding 'dropout'.
+
+        Returns:
+            [B, L, H] last hidden states in the compute dtype. Rows at padding
+            positions are computed but meaningless.
+        """
+        if not deterministic and rngs is None:
+            raise ValueError("Encoder(deterministic=False) needs rngs=nnx.Rngs(dropout=key).")
+        x = self.embeddings(input_ids, token_type_ids, deterministic=deterministic, rngs=rngs)
+        bias = None
+        if self.relative_attention_bias is not None:
+            bias = self.relative_attention_bias(input_ids.shape[1])
+
+        def run_layer(layer, x, mask, bias, rngs):
+            return layer(x, mask, bias, deterministic=deterministic, rngs=rngs)
+
+        if self.remat:
+            run_layer = nnx.remat(run_layer)
+        for layer in self.layers:
+            x = run_layer(layer, x, attention_mask, bias, rngs)
+        return x

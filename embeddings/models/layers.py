@@ -1,0 +1,265 @@
+"""Building blocks of the post-LayerNorm transformer encoder shared by all families.
+
+BERT, DistilBERT, MPNet and (XLM-)RoBERTa compute the same layer: self-attention,
+residual, LayerNorm, feed-forward, residual, LayerNorm. They differ only in how
+positions are numbered, whether token types exist, MPNet's relative-position
+bias and where dropout sits; `EncoderConfig` exposes those as properties that
+these blocks read. Parameters are float32; `dtype` is the compute dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from embeddings.models.config import MPNET_POSITION_BUCKETS, EncoderConfig
+
+# The relative distance past which MPNet's log-spaced buckets stop growing.
+_MPNET_MAX_DISTANCE = 128
+
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),  # erf form, as torch
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+def _normal(config: EncoderConfig):
+    return nnx.initializers.normal(stddev=config.initializer_range)
+
+
+def _linear(config, in_features, out_features, dtype, rngs) -> nnx.Linear:
+    return nnx.Linear(
+        in_features,
+        out_features,
+        kernel_init=_normal(config),
+        bias_init=nnx.initializers.zeros_init(),
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        rngs=rngs,
+    )
+
+
+def _layer_norm(config, dtype, rngs) -> nnx.LayerNorm:
+    return nnx.LayerNorm(
+        config.hidden_size,
+        epsilon=config.layer_norm_eps,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        rngs=rngs,
+    )
+
+
+def _embed(config, num_embeddings, rngs, zero_row: int | None = None) -> nnx.Embed:
+    embed = nnx.Embed(
+        num_embeddings,
+        config.hidden_size,
+        embedding_init=_normal(config),
+        param_dtype=jnp.float32,
+        rngs=rngs,
+    )
+    if zero_row is not None:
+        # HF zeroes the padding row of embeddings created with `padding_idx`.
+        embed.embedding[...] = embed.embedding[...].at[zero_row].set(0.0)
+    return embed
+
+
+def position_ids(input_ids: jax.Array, padding_idx: int | None) -> jax.Array:
+    """Position ids as the HF embeddings compute them.
+
+    Args:
+        input_ids: [B, L] token ids.
+        padding_idx: None for 0, 1, 2, ... on every row (BERT, DistilBERT); else the
+            fairseq numbering of RoBERTa/XLM-R/MPNet: non-padding tokens count from
+            `padding_idx + 1`, padding tokens get `padding_idx`.
+
+    Returns:
+        [B, L] int32 position ids.
+    """
+    if padding_idx is None:
+        return jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+    not_pad = (input_ids != padding_idx).astype(jnp.int32)
+    return jnp.cumsum(not_pad, axis=1) * not_pad + padding_idx
+
+
+def mpnet_relative_buckets(length: int) -> np.ndarray:
+    """MPNet's bucket of each (query, key) relative position, for a static length.
+
+    Mirrors `MPNetEncoder.relative_position_bucket` (T5-style: half the buckets per
+    direction, exact for small distances, log-spaced up to 128), including its
+    float32 logarithm, so the bucket edges match PyTorch. Computed with numpy at
+    trace time: it depends on the sequence length only.
+
+    Args:
+        length: Sequence length L.
+
+    Returns:
+        [L, L] int32 bucket ids in [0, 32).
+    """
+    positions = np.arange(length, dtype=np.int64)
+    relative = positions[None, :] - positions[:, None]  # key - query
+    n = -relative
+    half = MPNET_POSITION_BUCKETS // 2
+    bucket = (n < 0).astype(np.int64) * half
+    n = np.abs(n)
+    max_exact = half // 2
+    # Distances below max_exact take the exact branch; clamp them away from log(0).
+    log_ratio = np.log(np.maximum(n, 1).astype(np.float32) / np.float32(max_exact))
+    large = max_exact + (
+        log_ratio / np.float32(math.log(_MPNET_MAX_DISTANCE / max_exact)) * (half - max_exact)
+    ).astype(np.int64)
+    large = np.minimum(large, half - 1)
+    return (bucket + np.where(n < max_exact, n, large)).astype(np.int32)
+
+
+class Embeddings(nnx.Module):
+    """Word + position (+ token type) embeddings, LayerNorm and dropout."""
+
+    def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.config = config
+        self.dtype = dtype
+        self.word = _embed(config, config.vocab_size, rngs, zero_row=config.pad_token_id)
+        self.position = _embed(
+            config, config.max_position_embeddings, rngs, zero_row=config.position_padding_idx
+        )
+        self.token_type = (
+            _embed(config, config.type_vocab_size, rngs) if config.type_vocab_size else None
+        )
+        # Embeddings are summed and normalised in float32 (cheap, and the sum of
+        # three tables is where bfloat16 would lose the most); the output is cast.
+        self.norm = _layer_norm(config, jnp.float32, rngs)
+        self.dropout = nnx.Dropout(config.hidden_dropout)
+
+    def __call__(self, input_ids, token_type_ids=None, *, deterministic=True, rngs=None):
+        """Embeds [B, L] token ids into [B, L, H] hidden states in the compute dtype."""
+        x = self.word(input_ids)
+        x = x + self.position(position_ids(input_ids, self.config.position_padding_idx))
+        if self.token_type is not None:
+            if token_type_ids is None:
+                token_type_ids = jnp.zeros_like(input_ids)
+            x = x + self.token_type(token_type_ids)
+        x = self.norm(x)
+        x = self.dropout(x, deterministic=deterministic, rngs=rngs)
+        return x.astype(self.dtype)
+
+
+class RelativePositionBias(nnx.Module):
+    """MPNet's learned per-head bias on attention logits, indexed by relative bucket."""
+
+    def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
+        self.table = nnx.Embed(
+            config.relative_attention_num_buckets,
+            config.num_heads,
+            embedding_init=_normal(config),
+            param_dtype=jnp.float32,
+            rngs=rngs,
+        )
+
+    def __call__(self, length: int) -> jax.Array:
+        """Returns the [1, heads, L, L] float32 bias for sequences of `length`."""
+        values = self.table(jnp.asarray(mpnet_relative_buckets(length)))  # [L, L, N]
+        return jnp.transpose(values, (2, 0, 1))[None]
+
+
+def attend(q, k, v, mask, bias=None, *, dropout_rate=0.0, dropout_rng=None) -> jax.Array:
+    """Scaled dot-product attention over padded sequences.
+
+    Without attention dropout this is `jax.nn.dot_product_attention` (which picks a
+    fused kernel on GPU); with dropout it is an explicit softmax, because the fused
+    kernels cannot drop attention probabilities. Both compute the logits and the
+    softmax in float32.
+
+    Args:
+        q, k, v: [B, L, heads, head_dim] in the compute dtype.
+        mask: [B, L] attention mask, nonzero for real tokens (keys that may be attended).
+        bias: Optional float32 bias broadcastable to [B, heads, L, L], added to the
+            scaled logits.
+        dropout_rate: Attention-probability dropout; used only with `dropout_rng`.
+        dropout_rng: PRNG key; None means no dropout.
+
+    Returns:
+        [B, L, heads, head_dim] in the dtype of `v`.
+    """
+    key_mask = (mask != 0)[:, None, None, :]  # [B, 1, 1, L]
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if dropout_rng is None or dropout_rate == 0.0:
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=key_mask, scale=scale)
+    logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
+    if bias is not None:
+        logits = logits + bias
+    logits = jnp.where(key_mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0).astype(v.dtype)
+    return jnp.einsum("bnts,bsnh->btnh", probs, v)
+
+
+class SelfAttention(nnx.Module):
+    """Multi-head self-attention: query/key/value projections, attention, output projection."""
+
+    def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        hidden = config.hidden_size
+        self.num_heads = config.num_heads
+        self.dropout_rate = config.attention_dropout
+        self.query = _linear(config, hidden, hidden, dtype, rngs)
+        self.key = _linear(config, hidden, hidden, dtype, rngs)
+        self.value = _linear(config, hidden, hidden, dtype, rngs)
+        self.output = _linear(config, hidden, hidden, dtype, rngs)
+
+    def __call__(self, x, mask, bias=None, *, deterministic=True, rngs=None):
+        """Attends [B, L, H] hidden states to themselves; returns [B, L, H]."""
+        batch, length, hidden = x.shape
+
+        def heads(t):
+            return t.reshape(batch, length, self.num_heads, hidden // self.num_heads)
+
+        dropout_rng = None
+        if not deterministic and self.dropout_rate > 0.0:
+            if rngs is None:
+                raise ValueError("deterministic=False needs rngs with a 'dropout' stream.")
+            dropout_rng = rngs.dropout()
+        out = attend(
+            heads(self.query(x)),
+            heads(self.key(x)),
+            heads(self.value(x)),
+            mask,
+            bias,
+            dropout_rate=self.dropout_rate,
+            dropout_rng=dropout_rng,
+        )
+        return self.output(out.reshape(batch, length, hidden))
+
+
+class TransformerLayer(nnx.Module):
+    """One post-LayerNorm encoder layer (attention block, then feed-forward block)."""
+
+    def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.attention = SelfAttention(config, rngs=rngs, dtype=dtype)
+        self.attention_norm = _layer_norm(config, dtype, rngs)
+        hidden, inner = config.hidden_size, config.intermediate_size
+        self.intermediate = _linear(config, hidden, inner, dtype, rngs)
+        self.output = _linear(config, inner, hidden, dtype, rngs)
+        self.output_norm = _layer_norm(config, dtype, rngs)
+        self.activation = _ACTIVATIONS[config.hidden_act]
+        self.dropout = nnx.Dropout(config.hidden_dropout)
+        self.dropout_after_attention = config.dropout_after_attention_output
+
+    def __call__(self, x, mask, bias=None, *, deterministic=True, rngs=None):
+        """Maps [B, L, H] hidden states to [B, L, H]; `mask` is the [B, L] attention mask."""
+        attended = self.attention(x, mask, bias, deterministic=deterministic, rngs=rngs)
+        if self.dropout_after_attention:
+            attended = self.dropout(attended, deterministic=deterministic, rngs=rngs)
+        x = self.attention_norm(attended + x)
+        y = self.output(self.activation(self.intermediate(x)))
+        y = self.dropout(y, deterministic=deterministic, rngs=rngs)
+        return self.output_norm(y + x)
