@@ -1,0 +1,67 @@
+"""Pooling token states into one sentence embedding, as sentence-transformers does.
+
+Pure functions of arrays, computed in float32 whatever the encoder's compute
+dtype, so they can be tested against `sentence_transformers` on random inputs.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+POOLING_MODES = ("cls", "mean", "max", "mean_sqrt_len_tokens")
+
+
+def pool(hidden: jax.Array, attention_mask: jax.Array, mode: str) -> jax.Array:
+    """Pools [B, L, H] token states into [B, H] float32 sentence embeddings.
+
+    Matches `sentence_transformers` `Pooling` for padded inputs:
+      - "cls": the state of the first real token (the first position whose mask is
+        1, so left padding works);
+      - "mean": sum of real-token states / max(number of real tokens, 1e-9);
+      - "max": element-wise max over real tokens (-inf where a row has none);
+      - "mean_sqrt_len_tokens": sum / sqrt(max(number of real tokens, 1e-9)).
+
+    Args:
+        hidden: [B, L, H] token states, any float dtype.
+        attention_mask: [B, L], nonzero for real tokens.
+        mode: One of `POOLING_MODES`.
+
+    Returns:
+        [B, H] float32.
+
+    Raises:
+        ValueError: For an unknown mode.
+    """
+    if mode not in POOLING_MODES:
+        raise ValueError(f"Unknown pooling mode {mode!r}; use one of {POOLING_MODES}.")
+    hidden = hidden.astype(jnp.float32)
+    real = attention_mask != 0
+    if mode == "cls":
+        first = jnp.argmax(real, axis=1)
+        return jnp.take_along_axis(hidden, first[:, None, None], axis=1)[:, 0]
+    if mode == "max":
+        return jnp.max(jnp.where(real[..., None], hidden, -jnp.inf), axis=1)
+    weights = real.astype(jnp.float32)[..., None]
+    total = jnp.sum(hidden * weights, axis=1)
+    count = jnp.maximum(jnp.sum(weights, axis=1), 1e-9)
+    return total / (count if mode == "mean" else jnp.sqrt(count))
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """Divides each row by its L2 norm, as `torch.nn.functional.normalize(x, dim=-1)`.
+
+    Rows with a norm below `eps` are divided by `eps`. The norm is taken as
+    sqrt(max(sum of squares, eps**2)), which equals max(norm, eps) and keeps the
+    gradient finite at zero.
+
+    Args:
+        x: [..., H] array.
+        eps: Smallest divisor.
+
+    Returns:
+        Array of the same shape and dtype.
+    """
+    squares = jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True)
+    norm = jnp.sqrt(jnp.maximum(squares, eps * eps))
+    return (x / norm).astype(x.dtype)
