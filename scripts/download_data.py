@@ -8,7 +8,13 @@ Each entry's "name" is a file's path both in the Hub dataset repo and under
 --output (which then serves as the trainer's config.data_folder). By default the
 files come from sentence-transformers/embedding-training-data
 (https://huggingface.co/datasets/sentence-transformers/embedding-training-data),
-the repo holding the 1B-pairs project's per-dataset .jsonl.gz files.
+the repo holding the 1B-pairs project's per-dataset .jsonl.gz files. Names in a
+folder whose files live in another repo (the per-site Stack Exchange files) are
+fetched by a run of their own:
+
+    python scripts/download_data.py --data_config configs/data/1b_pairs.json \
+        --output gs://my-bucket/1b-pairs --subfolder stackexchange_title_body \
+        --repo_id flax-sentence-embeddings/stackexchange_title_body_jsonl
 
 A file is skipped when --output already holds it at the size the Hub reports.
 Downloads land in a staging folder first and are renamed into place only when
@@ -94,8 +100,25 @@ def select_names(names: list[str], only: Sequence[str] | None, data_config: Path
     return [name for name in names if name in wanted]
 
 
+def repo_paths(names: list[str], subfolder: str | None, data_config: Path) -> dict[str, str]:
+    """Maps each data_config name to its path in the Hub repo.
+
+    Without `subfolder` the two are the same. With it, only the names under
+    SUBFOLDER/ are kept, and the repo holds them without that prefix.
+    """
+    if not subfolder:
+        return {name: name for name in names}
+    prefix = subfolder.strip("/") + "/"
+    paths = {name: name[len(prefix) :] for name in names if name.startswith(prefix)}
+    if not paths:
+        raise DownloadError(
+            f"--subfolder {subfolder}: no name in {data_config} starts with {prefix}"
+        )
+    return paths
+
+
 def hub_file_sizes(repo_id: str, revision: str | None, names: list[str]) -> dict[str, int]:
-    """The size in bytes of each file, from the Hub's metadata.
+    """The size in bytes of each file (a path in the repo), from the Hub's metadata.
 
     Raises:
         DownloadError: if the Hub cannot be reached, the repo does not exist, or
@@ -119,9 +142,10 @@ def hub_file_sizes(repo_id: str, revision: str | None, names: list[str]) -> dict
         raise _unreachable(e) from None
     missing = [name for name in names if name not in sizes]
     if missing:
+        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if missing[10:] else "")
         raise DownloadError(
-            f"not files in dataset repo {repo_id}: {', '.join(missing)}. Fix their names in the "
-            "data_config, pick others with --only, or use --repo_id."
+            f"{len(missing)} file(s) not in dataset repo {repo_id}: {shown}. Pick the names this "
+            "repo holds with --only or --subfolder, use another --repo_id, or fix the data_config."
         )
     return sizes
 
@@ -174,7 +198,7 @@ def copy_to_bucket(source: Path, dest: epath.Path) -> None:
 def fetch(
     repo_id: str,
     revision: str | None,
-    name: str,
+    repo_path: str,
     size: int,
     dest: epath.Path,
     staging: Path,
@@ -185,7 +209,7 @@ def fetch(
         staged = Path(
             hf_hub_download(
                 repo_id,
-                name,
+                repo_path,
                 repo_type="dataset",
                 revision=revision,
                 local_dir=staging,
@@ -199,7 +223,9 @@ def fetch(
     got = staged.stat().st_size
     if got != size:
         staged.unlink()
-        raise DownloadError(f"{name}: downloaded {got} bytes but the Hub lists {size}; run again.")
+        raise DownloadError(
+            f"{repo_path}: downloaded {got} bytes but the Hub lists {size}; run again."
+        )
     if is_local(dest):
         Path(dest).parent.mkdir(parents=True, exist_ok=True)
         os.replace(staged, dest)  # Same file system as the staging folder: atomic.
@@ -224,6 +250,7 @@ def download(
     repo_id: str = DEFAULT_REPO_ID,
     revision: str | None = None,
     only: Sequence[str] | None = None,
+    subfolder: str | None = None,
     force: bool = False,
 ) -> dict[str, list[str]]:
     """Fetches the files data_config names into `output`.
@@ -236,18 +263,19 @@ def download(
         DownloadError: on bad input, an unreachable Hub, or a short download.
     """
     names = select_names(read_file_names(data_config), only, data_config)
+    paths = repo_paths(names, subfolder, data_config)
     check_output(output)
-    sizes = hub_file_sizes(repo_id, revision, names)
+    sizes = hub_file_sizes(repo_id, revision, list(paths.values()))
     staging = default_staging(output)
     done: dict[str, list[str]] = {"downloaded": [], "skipped": []}
-    for name in tqdm(names, unit="file", desc="files"):
-        dest = output / name
-        if not force and is_complete(dest, sizes[name]):
-            tqdm.write(f"{name}: complete ({sizes[name]:,} bytes), skipped")
+    for name, repo_path in tqdm(paths.items(), unit="file", desc="files"):
+        dest, size = output / name, sizes[repo_path]
+        if not force and is_complete(dest, size):
+            tqdm.write(f"{name}: complete ({size:,} bytes), skipped")
             done["skipped"].append(name)
             continue
-        fetch(repo_id, revision, name, sizes[name], dest, staging, force)
-        tqdm.write(f"{name}: downloaded ({sizes[name]:,} bytes) to {dest}")
+        fetch(repo_id, revision, repo_path, size, dest, staging, force)
+        tqdm.write(f"{name}: downloaded ({size:,} bytes) to {dest}")
         done["downloaded"].append(name)
     shutil.rmtree(staging, ignore_errors=True)
     return done
@@ -272,6 +300,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--revision", default=None, help="Branch, tag or commit (default main).")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="Only these data_config names.")
+    parser.add_argument(
+        "--subfolder",
+        metavar="DIR",
+        help="Only the names under DIR/, which the repo holds without that prefix.",
+    )
     parser.add_argument("--force", action="store_true", help="Download even complete files.")
     args = parser.parse_args(argv)
     try:
@@ -281,6 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             repo_id=args.repo_id,
             revision=args.revision,
             only=args.only,
+            subfolder=args.subfolder,
             force=args.force,
         )
     except DownloadError as e:

@@ -118,6 +118,20 @@ def test_only_and_repo_id(hub, data_config, tmp_path):
     assert not (out / "stackexchange").exists()
 
 
+def test_subfolder_maps_names_to_another_repo_layout(hub, tmp_path):
+    # The data_config keeps a folder per source; that source's repo is flat.
+    config = tmp_path / "data_config.json"
+    names = ["se/AllNLI.jsonl.gz", "se/unused.jsonl.gz", "AllNLI.jsonl.gz"]
+    config.write_text(json.dumps([{"name": n, "lines": 1, "weight": 1} for n in names]))
+    out = tmp_path / "out"
+    assert _run(config, out, "--subfolder", "se", "--repo_id", "org/se-files") == 0
+    assert [d["filename"] for d in hub.downloads] == ["AllNLI.jsonl.gz", "unused.jsonl.gz"]
+    assert {d["repo_id"] for d in hub.downloads} == {"org/se-files"}
+    assert (out / "se" / "AllNLI.jsonl.gz").read_bytes() == FILES["AllNLI.jsonl.gz"]
+    assert (out / "se" / "unused.jsonl.gz").read_bytes() == FILES["unused.jsonl.gz"]
+    assert not (out / "AllNLI.jsonl.gz").exists()
+
+
 def test_complete_files_are_skipped(hub, data_config, tmp_path, capsys):
     out = tmp_path / "out"
     assert _run(data_config, out) == 0
@@ -196,7 +210,7 @@ def test_names_missing_from_the_repo_are_reported(hub, tmp_path, capsys):
     config.write_text(json.dumps([{"name": "AllNLI.jsonl.gz"}, {"name": "nope.jsonl.gz"}]))
     assert _run(config, tmp_path / "out") == 1
     err = capsys.readouterr().err
-    assert "nope.jsonl.gz" in err and "--only" in err
+    assert "1 file(s) not in dataset repo" in err and "nope.jsonl.gz" in err and "--only" in err
     assert hub.downloads == []
 
 
