@@ -1,8 +1,9 @@
 """Downloads the training files a data_config.json names, from the Hugging Face Hub.
 
-    python scripts/download_data.py --data_config data_config.json --output data/1b-pairs
-    python scripts/download_data.py --data_config data_config.json \
-        --output gs://my-bucket/1b-pairs --only AllNLI.jsonl.gz gooaq_pairs.jsonl.gz
+    python scripts/download_data.py --data_config configs/data/1b_pairs.json \
+        --output gs://my-bucket/1b-pairs --skip_missing
+    python scripts/download_data.py --data_config configs/data/1b_pairs.json \
+        --output data/1b-pairs --only AllNLI.jsonl.gz gooaq_pairs.jsonl.gz
 
 Each entry's "name" is a file's path both in the Hub dataset repo and under
 --output (which then serves as the trainer's config.data_folder). By default the
@@ -118,11 +119,10 @@ def repo_paths(names: list[str], subfolder: str | None, data_config: Path) -> di
 
 
 def hub_file_sizes(repo_id: str, revision: str | None, names: list[str]) -> dict[str, int]:
-    """The size in bytes of each file (a path in the repo), from the Hub's metadata.
+    """The size in bytes of each file (a path in the repo) the repo holds, from its metadata.
 
     Raises:
-        DownloadError: if the Hub cannot be reached, the repo does not exist, or
-            a file is not in it.
+        DownloadError: if the Hub cannot be reached or the repo does not exist.
     """
     api = HfApi()
     sizes = {}
@@ -140,14 +140,25 @@ def hub_file_sizes(repo_id: str, revision: str | None, names: list[str]) -> dict
         raise DownloadError(f"the Hub refused the file list of {repo_id}: {e}") from None
     except (ConnectionError, TimeoutError, httpx2.TransportError) as e:
         raise _unreachable(e) from None
-    missing = [name for name in names if name not in sizes]
-    if missing:
-        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if missing[10:] else "")
+    return sizes
+
+
+def drop_missing(
+    paths: dict[str, str], sizes: dict[str, int], repo_id: str, skip_missing: bool
+) -> dict[str, str]:
+    """Removes the names the repo lacks, or fails naming them unless `skip_missing`."""
+    missing = [name for name, path in paths.items() if path not in sizes]
+    if not missing:
+        return paths
+    shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if missing[10:] else "")
+    if not skip_missing:
         raise DownloadError(
             f"{len(missing)} file(s) not in dataset repo {repo_id}: {shown}. Pick the names this "
-            "repo holds with --only or --subfolder, use another --repo_id, or fix the data_config."
+            "repo holds with --only, --subfolder or --skip_missing, use another --repo_id, or "
+            "fix the data_config."
         )
-    return sizes
+    tqdm.write(f"not in {repo_id}, left for another run: {shown}")
+    return {name: path for name, path in paths.items() if path in sizes}
 
 
 def _unreachable(error: Exception) -> DownloadError:
@@ -251,13 +262,14 @@ def download(
     revision: str | None = None,
     only: Sequence[str] | None = None,
     subfolder: str | None = None,
+    skip_missing: bool = False,
     force: bool = False,
 ) -> dict[str, list[str]]:
     """Fetches the files data_config names into `output`.
 
     Returns:
-        {"downloaded": [...], "skipped": [...]}: names fetched now and names
-        already complete.
+        {"downloaded": [...], "skipped": [...], "missing": [...]}: names fetched
+        now, names already complete, and (with skip_missing) names the repo lacks.
 
     Raises:
         DownloadError: on bad input, an unreachable Hub, or a short download.
@@ -266,9 +278,11 @@ def download(
     paths = repo_paths(names, subfolder, data_config)
     check_output(output)
     sizes = hub_file_sizes(repo_id, revision, list(paths.values()))
+    present = drop_missing(paths, sizes, repo_id, skip_missing)
     staging = default_staging(output)
     done: dict[str, list[str]] = {"downloaded": [], "skipped": []}
-    for name, repo_path in tqdm(paths.items(), unit="file", desc="files"):
+    done["missing"] = [name for name in paths if name not in present]
+    for name, repo_path in tqdm(present.items(), unit="file", desc="files"):
         dest, size = output / name, sizes[repo_path]
         if not force and is_complete(dest, size):
             tqdm.write(f"{name}: complete ({size:,} bytes), skipped")
@@ -305,6 +319,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="DIR",
         help="Only the names under DIR/, which the repo holds without that prefix.",
     )
+    parser.add_argument(
+        "--skip_missing",
+        action="store_true",
+        help="List the names the repo lacks and download the rest (default: fail).",
+    )
     parser.add_argument("--force", action="store_true", help="Download even complete files.")
     args = parser.parse_args(argv)
     try:
@@ -315,14 +334,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             revision=args.revision,
             only=args.only,
             subfolder=args.subfolder,
+            skip_missing=args.skip_missing,
             force=args.force,
         )
     except DownloadError as e:
         print(f"download_data.py: error: {e}", file=sys.stderr)
         return 1
+    missing = f", {len(done['missing'])} not in {args.repo_id}" if done["missing"] else ""
     print(
-        f"{len(done['downloaded'])} downloaded, {len(done['skipped'])} already complete, "
-        f"in {args.output}"
+        f"{len(done['downloaded'])} downloaded, {len(done['skipped'])} already complete"
+        f"{missing}, in {args.output}"
     )
     return 0
 

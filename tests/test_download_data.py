@@ -214,6 +214,18 @@ def test_names_missing_from_the_repo_are_reported(hub, tmp_path, capsys):
     assert hub.downloads == []
 
 
+def test_skip_missing_downloads_what_the_repo_holds(hub, tmp_path, capsys):
+    config = tmp_path / "data_config.json"
+    config.write_text(json.dumps([{"name": "nope.jsonl.gz"}, {"name": "AllNLI.jsonl.gz"}]))
+    out = tmp_path / "out"
+    assert _run(config, out, "--skip_missing") == 0
+    assert [d["filename"] for d in hub.downloads] == ["AllNLI.jsonl.gz"]
+    assert (out / "AllNLI.jsonl.gz").read_bytes() == FILES["AllNLI.jsonl.gz"]
+    captured = capsys.readouterr()
+    assert "left for another run: nope.jsonl.gz" in captured.err + captured.out
+    assert "1 downloaded, 0 already complete, 1 not in" in captured.out
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
