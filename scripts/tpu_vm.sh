@@ -234,7 +234,9 @@ verb_setup() {
   local script="set -e
 ${fetch}
 if [ ! -x \$HOME/.local/bin/uv ]; then
-  python3 -m pip install --user --quiet uv || python3 -m pip install --user --quiet --break-system-packages uv
+  python3 -m pip install --user --quiet uv ||
+    python3 -m pip install --user --quiet --break-system-packages uv ||
+    curl -LsSf https://astral.sh/uv/install.sh | sh
 fi
 [ -x ${REMOTE_VENV}/bin/python ] || \$HOME/.local/bin/uv venv --python ${PYTHON_VERSION} ${REMOTE_VENV}
 \$HOME/.local/bin/uv pip install --python ${REMOTE_VENV}/bin/python $REPLY -r ${REMOTE_DIR}/requirements.txt
@@ -314,8 +316,14 @@ tail $tail_flags \"\$log\" | sed -u \"s/^/[\$(hostname)] /\""
 verb_status() {
   if [[ $QUEUED == 1 ]]; then
     run_cmd gcloud compute tpus queued-resources describe "$TPU_NAME" "${LOCATION[@]}"
+    # Until the queued resource is provisioned there is no VM to describe.
+    run_cmd gcloud compute tpus tpu-vm describe "$TPU_NAME" "${LOCATION[@]}" || {
+      echo "No TPU VM $TPU_NAME yet: the queued resource has not provisioned it." >&2
+      return 0
+    }
+  else
+    run_cmd gcloud compute tpus tpu-vm describe "$TPU_NAME" "${LOCATION[@]}"
   fi
-  run_cmd gcloud compute tpus tpu-vm describe "$TPU_NAME" "${LOCATION[@]}"
   local script="${WORKER_PRELUDE}
 if pid=\$(trainer_pid); then state=\"train.py running (pid \$pid)\"; else state='train.py not running'; fi
 last=''

@@ -43,6 +43,9 @@ if args[:2] == ["auth", "list"]:
     sys.exit(0)
 
 if args[:4] == ["compute", "tpus", "tpu-vm", "describe"]:
+    if os.environ.get("FAKE_NO_VM"):
+        print("ERROR: (gcloud.compute.tpus.tpu-vm.describe) NOT_FOUND", file=sys.stderr)
+        sys.exit(1)
     accelerator = os.environ.get("FAKE_ACCELERATOR_TYPE", "v3-8")
     if "--format=value(acceleratorType)" in args:
         print(accelerator)
@@ -250,6 +253,21 @@ def test_queued_resource_create_status_delete(cloud):
     assert "--worker=all" in status_ssh
     assert delete[1:6] == ["compute", "tpus", "queued-resources", "delete", "my-tpu"]
     assert "--force" in delete
+
+
+def test_status_of_a_queued_resource_before_its_vm_exists(cloud):
+    result = cloud.run("status", "--queued", FAKE_NO_VM="1")
+    assert result.returncode == 0, result.stderr
+    assert "has not provisioned it" in result.stderr
+    calls = [c[3:5] for c in cloud.calls()]
+    assert calls == [["queued-resources", "describe"], ["tpu-vm", "describe"]]
+
+
+def test_run_without_a_vm_says_to_create_it(cloud):
+    result = cloud.run("run", "--", "--config", "c.py", "--workdir", "gs://b/w", FAKE_NO_VM="1")
+    assert result.returncode != 0
+    assert "create it first" in result.stderr
+    assert not any(c[4] == "ssh" for c in cloud.calls())
 
 
 def test_queued_resource_refuses_preemptible(cloud):
