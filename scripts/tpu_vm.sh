@@ -210,7 +210,7 @@ pack_working_tree() {
   [[ $DRY_RUN == 1 ]] && return 0
   (cd "$REPO_ROOT" && git ls-files -z --cached --others --exclude-standard |
     tar --null -czf "$archive" -T -) ||
-    die "could not pack $REPO_ROOT with git ls-files + tar: is it a git checkout? Or set REPO to a git URL."
+    die "could not pack $REPO_ROOT with git ls-files + tar (error above); REPO=local needs a git checkout, or set REPO to a git URL."
 }
 
 verb_setup() {
