@@ -1,0 +1,380 @@
+"""Readers: one source per format, and the rules that turn a row into an example.
+
+A source yields raw records from any record index on (so a stream can resume
+by reopening and skipping) and decodes one record into a row: a JSON list, or a
+dict (JSON object, CSV/TSV row by header, Hugging Face or TFDS record). Decoding
+is separate from reading so that a process skips the lines of other processes
+without parsing them.
+
+The row layout of a dataset (list, "texts" list, or named fields) is fixed from
+its first valid row at start-up; every later row must match it or is counted
+as malformed.
+"""
+
+from __future__ import annotations
+
+import abc
+import csv
+import dataclasses
+import gzip
+import io
+import itertools
+import json
+import math
+import os
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+from embeddings.data.data_config import KIND_COLUMNS, DataConfigError, DatasetEntry
+
+# Field sets recognised in dict rows when an entry gives no "fields", tried in order.
+KNOWN_FIELDS = {
+    "contrastive": (
+        ("query", "pos", "neg"),
+        ("query", "pos"),
+        ("anchor", "positive", "negative"),
+        ("anchor", "positive"),
+        ("context", "response"),
+        ("sentence1", "sentence2"),
+        ("question", "answer"),
+    ),
+    "margin": (
+        ("query", "pos", "neg", "margin"),
+        ("anchor", "positive", "negative", "margin"),
+    ),
+}
+# How many records a dataset's layout may take to show up before start-up fails.
+PEEK_RECORDS = 100
+
+
+class BadRecord(Exception):
+    """One malformed record; the message is the reason (the caller adds file and line)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """What a batch of this dataset looks like: the loss kind and the number of text columns."""
+
+    kind: str  # "contrastive" (in-batch negatives) or "margin" (MarginMSE)
+    columns: int
+
+    def __str__(self) -> str:
+        return f"{self.kind}/{self.columns}"
+
+
+@dataclasses.dataclass(frozen=True)
+class RowSpec:
+    """How to read texts out of one row of a dataset.
+
+    Attributes:
+      layout: the dataset's Layout.
+      fields: None for list rows, ("texts",) for dicts with a "texts" list, else the dict
+        keys of the texts in column order (then the margin key for kind "margin").
+    """
+
+    layout: Layout
+    fields: tuple[str, ...] | None
+
+    @property
+    def is_margin(self) -> bool:
+        return self.layout.kind == "margin"
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One training example: column 0 is the anchor, 1 the positive, 2.. hard negatives."""
+
+    texts: tuple[str, ...]
+    margin: float | None
+    line: int  # line (files) or record number (Hugging Face, TFDS), 1-based
+
+
+class Source(abc.ABC):
+    """Raw records of one dataset, readable from any record index on."""
+
+    @abc.abstractmethod
+    def records(self, start: int) -> Iterator[tuple[int, Any]]:
+        """Yields (line or record number, raw record) from record index `start` (0-based) on."""
+
+    @abc.abstractmethod
+    def decode(self, raw: Any) -> Any:
+        """Turns a raw record into a row (list or dict); raises BadRecord."""
+
+    @abc.abstractmethod
+    def where(self, line: int) -> str:
+        """Names a record for messages: file:line or dataset record number."""
+
+
+def _open_binary(path) -> io.BufferedIOBase:
+    """Opens a local or gs:// file, transparently un-gzipping `.gz` files."""
+    raw = path.open("rb")
+    if os.fspath(path).endswith(".gz"):
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    return raw
+
+
+class JsonlSource(Source):
+    """One JSON value per line (plain or gzip)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def records(self, start: int) -> Iterator[tuple[int, bytes]]:
+        with _open_binary(self.path) as f:
+            yield from enumerate(itertools.islice(f, start, None), start + 1)
+
+    def decode(self, raw: bytes) -> Any:
+        if not raw.strip():
+            raise BadRecord("empty line")
+        try:
+            return json.loads(raw)
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+            raise BadRecord(f"invalid JSON ({e})") from None
+
+    def where(self, line: int) -> str:
+        return f"{os.fspath(self.path)}:{line}"
+
+
+class DelimitedSource(Source):
+    """CSV (RFC 4180 quoting) or TSV (no quoting) with a header row naming the columns."""
+
+    def __init__(self, path, delimiter: str):
+        self.path = path
+        self.delimiter = delimiter
+        # TSV files of sentence pairs (STS benchmark, MS MARCO) contain bare quote characters;
+        # quoting rules would merge lines, so TSV fields are taken verbatim.
+        self.quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+        self.header = self._read_header()
+
+    def _reader(self, f):
+        text = io.TextIOWrapper(f, encoding="utf-8", newline="")
+        return csv.reader(text, delimiter=self.delimiter, quoting=self.quoting)
+
+    def _read_header(self) -> tuple[str, ...]:
+        with _open_binary(self.path) as f:
+            header = next(self._reader(f), None)
+        if not header:
+            raise DataConfigError(f"{os.fspath(self.path)}: the file is empty (no header row).")
+        return tuple(header)
+
+    def records(self, start: int) -> Iterator[tuple[int, list[str]]]:
+        with _open_binary(self.path) as f:
+            reader = self._reader(f)
+            next(reader, None)
+            for row in itertools.islice(reader, start, None):
+                yield reader.line_num, row
+
+    def decode(self, raw: list[str]) -> dict[str, str]:
+        if len(raw) != len(self.header):
+            raise BadRecord(f"{len(raw)} columns, the header has {len(self.header)}")
+        return dict(zip(self.header, raw, strict=True))
+
+    def where(self, line: int) -> str:
+        return f"{os.fspath(self.path)}:{line}"
+
+
+class HfSource(Source):
+    """A Hugging Face dataset read with streaming=True: local files/folder or a Hub name."""
+
+    _BUILDERS: ClassVar[dict[str, str]] = {
+        ".json": "json",
+        ".jsonl": "json",
+        ".csv": "csv",
+        ".parquet": "parquet",
+        ".arrow": "arrow",
+        ".txt": "text",
+    }
+
+    def __init__(self, entry: DatasetEntry):
+        import datasets  # heavy import, only when a Hugging Face dataset is used
+
+        self.label = f"{entry.location}[{entry.split}]"
+        if entry.format == "hf_hub":
+            self._dataset = datasets.load_dataset(
+                entry.name, entry.config, split=entry.split, streaming=True
+            )
+        elif entry.path.is_dir():
+            self._dataset = datasets.load_dataset(
+                os.fspath(entry.path), split=entry.split, streaming=True
+            )
+        else:
+            suffix = os.fspath(entry.path).removesuffix(".gz").rsplit(".", 1)[-1]
+            builder = self._BUILDERS.get(f".{suffix.lower()}")
+            if builder is None:
+                raise DataConfigError(
+                    f"{entry.label}: cannot read {entry.location} with Hugging Face datasets; "
+                    f"use one of {sorted(self._BUILDERS)} or a folder."
+                )
+            self._dataset = datasets.load_dataset(
+                builder, data_files=os.fspath(entry.path), split=entry.split, streaming=True
+            )
+
+    def records(self, start: int) -> Iterator[tuple[int, dict]]:
+        dataset = self._dataset.skip(start) if start else self._dataset
+        yield from enumerate(dataset, start + 1)
+
+    def decode(self, raw: dict) -> dict:
+        return raw
+
+    def where(self, line: int) -> str:
+        return f"{self.label} record {line}"
+
+
+class TfdsSource(Source):
+    """A TensorFlow Datasets dataset prepared under data_folder (optional extra)."""
+
+    def __init__(self, entry: DatasetEntry, data_folder):
+        try:
+            import tensorflow_datasets as tfds
+        except ImportError as e:
+            raise DataConfigError(
+                f"{entry.label}: format 'tfds' needs tensorflow-datasets, which is not installed: "
+                "pip install -r requirements-tfds.txt"
+            ) from e
+        self._tfds = tfds
+        self._load = dict(
+            name=entry.name, split=entry.split, data_dir=os.fspath(data_folder), shuffle_files=False
+        )
+        self.label = f"tfds:{entry.name}[{entry.split}]"
+
+    def records(self, start: int) -> Iterator[tuple[int, dict]]:
+        dataset = self._tfds.load(**self._load)
+        yield from enumerate(self._tfds.as_numpy(dataset.skip(start)), start + 1)
+
+    def decode(self, raw: dict) -> dict:
+        return {k: _from_numpy(v) for k, v in raw.items()}
+
+    def where(self, line: int) -> str:
+        return f"{self.label} record {line}"
+
+
+def _from_numpy(value: Any) -> Any:
+    """TFDS yields bytes and numpy values; texts are UTF-8."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, list):
+        return [_from_numpy(v) for v in value]
+    return value
+
+
+def make_source(entry: DatasetEntry, data_folder) -> Source:
+    """The Source for a data config entry."""
+    if entry.format == "jsonl":
+        return JsonlSource(entry.path)
+    if entry.format in ("tsv", "csv"):
+        return DelimitedSource(entry.path, "\t" if entry.format == "tsv" else ",")
+    if entry.format in ("hf", "hf_hub"):
+        return HfSource(entry)
+    return TfdsSource(entry, data_folder)
+
+
+def infer_row_spec(entry: DatasetEntry, source: Source) -> RowSpec:
+    """Fixes a dataset's layout from its first valid row (within PEEK_RECORDS records).
+
+    Raises:
+      DataConfigError: no valid row among the first records, naming the file and the reasons.
+    """
+    reasons = []
+    records = source.records(0)
+    try:
+        for line, raw in itertools.islice(records, PEEK_RECORDS):
+            try:
+                row = source.decode(raw)
+                spec = _spec_from_row(entry, row)
+                parse_row(row, spec)
+                return spec
+            except BadRecord as e:
+                reasons.append(f"{source.where(line)}: {e}")
+    finally:
+        records.close()
+    detail = "; ".join(reasons[:3]) if reasons else "the dataset is empty"
+    raise DataConfigError(
+        f"{entry.label}: no valid row in the first {PEEK_RECORDS} records of {entry.location} "
+        f"({detail}). See data/README.md for the accepted row shapes."
+    )
+
+
+def _spec_from_row(entry: DatasetEntry, row: Any) -> RowSpec:
+    margin = entry.kind == "margin"
+    kind = "margin" if margin else "contrastive"
+    if entry.fields is not None:
+        fields = entry.fields
+        columns = len(fields) - margin
+    elif isinstance(row, list):
+        fields, columns = None, len(row) - margin
+    elif isinstance(row, dict) and "texts" in row:
+        if not isinstance(row["texts"], list):
+            raise BadRecord('"texts" is not a list')
+        fields, columns = ("texts",), len(row["texts"]) - margin
+    elif isinstance(row, dict):
+        fields = next((f for f in KNOWN_FIELDS[kind] if set(f) <= set(row)), None)
+        if fields is None:
+            known = " or ".join(str(list(f)) for f in KNOWN_FIELDS[kind])
+            raise BadRecord(
+                f'keys {sorted(row)} are none of {known}: set "fields" in the data config'
+            )
+        columns = len(fields) - margin
+    else:
+        raise BadRecord(f"a row must be a JSON list or object, got {type(row).__name__}")
+    expected = KIND_COLUMNS.get(entry.kind)
+    if expected is not None and columns != expected:
+        raise BadRecord(f"{columns} texts, kind {entry.kind!r} needs {expected}")
+    if columns < 2:
+        raise BadRecord(f"{columns} text(s): a row needs an anchor and a positive at least")
+    return RowSpec(Layout(kind, columns), fields)
+
+
+def parse_row(row: Any, spec: RowSpec, line: int = 0) -> Example:
+    """Reads the texts (and margin) of a decoded row from record `line`; raises BadRecord."""
+    margin = spec.is_margin
+    if spec.fields is None or spec.fields == ("texts",):
+        if spec.fields is not None:
+            if not isinstance(row, dict) or not isinstance(row.get("texts"), list):
+                raise BadRecord('expected an object with a "texts" list')
+            row = row["texts"]
+        if not isinstance(row, list):
+            raise BadRecord(f"expected a JSON list, got {type(row).__name__}")
+        expected = spec.layout.columns + margin
+        if len(row) != expected:
+            raise BadRecord(f"{len(row)} columns, expected {expected}")
+        values = row
+    else:
+        if not isinstance(row, dict):
+            raise BadRecord(f"expected an object with keys {list(spec.fields)}")
+        missing = [f for f in spec.fields if f not in row]
+        if missing:
+            raise BadRecord(f"missing key(s) {missing}")
+        values = [row[f] for f in spec.fields]
+        # {"query", "pos": [...], "neg": [...]} rows list several candidates: take the first.
+        values[: spec.layout.columns] = [_first(v) for v in values[: spec.layout.columns]]
+    texts = tuple(values[: spec.layout.columns])
+    for column, text in enumerate(texts):
+        if not isinstance(text, str):
+            hint = ""
+            if isinstance(text, int | float) and column == len(texts) - 1 and not margin:
+                hint = ' (a row ending in a teacher margin needs "kind": "margin")'
+            raise BadRecord(f"column {column} is {type(text).__name__}, not a string{hint}")
+        if not text.strip():
+            raise BadRecord(f"column {column} is empty")
+    return Example(texts, _margin(values[-1]) if margin else None, line)
+
+
+def _first(value: Any) -> Any:
+    if isinstance(value, list | tuple):
+        if not value:
+            raise BadRecord("an empty list where a text was expected")
+        return value[0]
+    return value
+
+
+def _margin(value: Any) -> float:
+    if isinstance(value, str):  # CSV/TSV cells
+        try:
+            value = float(value)
+        except ValueError:
+            raise BadRecord(f"margin {value!r} is not a number") from None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise BadRecord(f"margin {value!r} is not a finite number")
+    return float(value)
