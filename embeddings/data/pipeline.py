@@ -1,0 +1,437 @@
+"""The input pipeline: data config -> readers -> shuffled streams -> mixer -> arrays, prefetched.
+
+Grain's thread prefetch runs the batch iterator in a background thread, keeps
+the iterator state that belongs to every prepared batch, and re-raises a
+failure of the thread in the caller. The state handed out is the one of the
+last batch the caller received, not of what the thread prepared ahead.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import ml_collections
+from grain.experimental import ThreadPrefetchDatasetIterator
+
+from embeddings.data.bad_lines import BadLineTracker
+from embeddings.data.data_config import DatasetEntry, load_data_config
+from embeddings.data.mixer import Mixer
+from embeddings.data.readers import Layout, infer_row_spec, make_source
+from embeddings.data.shuffle import ShuffledStream
+from embeddings.data.tokenize import BatchTokenizer, Collator
+
+logger = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+# Lines of a dataset judged before its malformed share is enforced (or its first pass, if shorter).
+MIN_LINES_FOR_BAD_SHARE = 1000
+
+
+class _Batches:
+    """The checkpointable iterator that the prefetch thread runs: mix, tokenize, count."""
+
+    def __init__(
+        self,
+        mixer: Mixer,
+        collator: Collator,
+        streams: Sequence[ShuffledStream],
+        names: Sequence[str],
+        settings: dict[str, Any],
+    ):
+        self._mixer = mixer
+        self._collator = collator
+        self._streams = streams
+        self._names = list(names)
+        self._settings = settings
+        self._step = 0
+        self._counters = self._zero_counters()
+
+    def _zero_counters(self) -> dict[str, Any]:
+        n = len(self._names)
+        return {
+            "examples": [0] * n,
+            "groups": [0] * n,
+            "duplicates": [0] * n,
+            "topped_up_groups": 0,
+            "tokens": {},  # padded length -> [real tokens, all tokens]
+        }
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        mixed = self._mixer.next_batch(self._step)
+        batch, tokens = self._collator(mixed.rows, mixed.layout)
+        counters = self._counters
+        for dataset, _ in mixed.rows:
+            counters["examples"][dataset] += 1
+        for dataset in mixed.planned:
+            counters["groups"][dataset] += 1
+        for dataset, count in mixed.duplicates.items():
+            counters["duplicates"][dataset] += count
+        counters["topped_up_groups"] += mixed.topped_up
+        for width, real, total in tokens:
+            entry = counters["tokens"].setdefault(str(width), [0, 0])
+            entry[0] += real
+            entry[1] += total
+        self._step += 1
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "step": self._step,
+            "settings": dict(self._settings),
+            "datasets": [
+                {"name": name, **stream.get_state()}
+                for name, stream in zip(self._names, self._streams, strict=True)
+            ],
+            "counters": copy.deepcopy(self._counters),
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise ValueError(
+                f"not an input pipeline state of version {STATE_VERSION}: {str(state)[:200]!r}"
+            )
+        saved = state["settings"]
+        changed = {k: (saved.get(k), v) for k, v in self._settings.items() if saved.get(k) != v}
+        if changed:
+            detail = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in changed.items())
+            raise ValueError(
+                f"the input pipeline state was saved with other settings ({detail}); resume "
+                "with the settings of the saved run."
+            )
+        names = [d["name"] for d in state["datasets"]]
+        if names != self._names:
+            raise ValueError(
+                "the input pipeline state was saved with another data config "
+                f"({len(names)} datasets, first difference at "
+                f"{_first_difference(names, self._names)}); resume with the same data_config."
+            )
+        for stream, saved_stream in zip(self._streams, state["datasets"], strict=True):
+            stream.set_state(saved_stream)
+        self._step = int(state["step"])
+        self._counters = copy.deepcopy(state["counters"])
+
+    def close(self) -> None:
+        for stream in self._streams:
+            stream.close()
+
+
+def _first_difference(a: Sequence[str], b: Sequence[str]) -> str:
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return f"entry {i}: saved {x!r}, now {y!r}"
+    return f"entry {min(len(a), len(b))} (saved {len(a)} entries, now {len(b)})"
+
+
+class InputPipeline:
+    """Endless, weighted, deduplicated, resumable batches for one process.
+
+    Each item is this process's share of one global batch: batch_size // process_count
+    rows, `datasets_per_batch` groups of rows in order, each group planned from one
+    dataset. See data/README.md for the semantics.
+
+    Args:
+      data_config: path of data_config.json (local or gs://) or the parsed list of entries.
+      data_folder: folder that the entries' names are relative to (local or gs://).
+      tokenizer: a transformers fast tokenizer (or a `tokenizers.Tokenizer`).
+      batch_size: GLOBAL batch size in rows, over all processes.
+      datasets_per_batch: groups per global batch, each from one dataset.
+      max_length_anchor: token limit for column 0 (entries may override).
+      max_length_document: token limit for the other columns (entries may override).
+      buckets: padded lengths; () pads every column to its token limit.
+      shuffle_buffer: lines of one dataset held in memory for shuffling.
+      skip_duplicates: skip an example whose text is already in the (local) batch.
+      max_bad_line_share: stop when a dataset's malformed-line share passes this.
+      prefetch: batches prepared ahead in a background thread; 0 = none.
+      seed: seeds the dataset choice and every shuffle.
+      process_index: this process (jax.process_index()).
+      process_count: number of processes (jax.process_count()).
+      min_lines_for_bad_share: lines judged before max_bad_line_share is enforced.
+
+    Raises:
+      DataConfigError: the data config or a file it names is invalid.
+      ValueError: a setting is invalid.
+    """
+
+    def __init__(
+        self,
+        *,
+        data_config: str | os.PathLike | Sequence[dict[str, Any]],
+        data_folder: str | os.PathLike,
+        tokenizer,
+        batch_size: int,
+        datasets_per_batch: int = 2,
+        max_length_anchor: int = 128,
+        max_length_document: int = 128,
+        buckets: Sequence[int] = (32, 64, 128),
+        shuffle_buffer: int = 100_000,
+        skip_duplicates: bool = True,
+        max_bad_line_share: float = 0.01,
+        prefetch: int = 4,
+        seed: int = 0,
+        process_index: int = 0,
+        process_count: int = 1,
+        min_lines_for_bad_share: int = MIN_LINES_FOR_BAD_SHARE,
+    ):
+        _check_settings(
+            batch_size=batch_size,
+            datasets_per_batch=datasets_per_batch,
+            max_length_anchor=max_length_anchor,
+            max_length_document=max_length_document,
+            buckets=buckets,
+            shuffle_buffer=shuffle_buffer,
+            max_bad_line_share=max_bad_line_share,
+            prefetch=prefetch,
+            seed=seed,
+            process_index=process_index,
+            process_count=process_count,
+        )
+        self.entries: list[DatasetEntry] = load_data_config(data_config, data_folder)
+        self.process_index, self.process_count = process_index, process_count
+        self.batch_size = batch_size
+        self.local_batch_size = batch_size // process_count
+        rows_per_group = self.local_batch_size // datasets_per_batch
+
+        sources = [make_source(e, data_folder) for e in self.entries]
+        specs = [infer_row_spec(e, s) for e, s in zip(self.entries, sources, strict=True)]
+        self.layouts: list[Layout] = [spec.layout for spec in specs]
+        limits = [
+            (e.max_length_anchor or max_length_anchor, e.max_length_document or max_length_document)
+            for e in self.entries
+        ]
+        _check_buckets(buckets, limits)
+        self._trackers = [
+            BadLineTracker(e.location, max_bad_line_share, min_lines_for_bad_share)
+            for e in self.entries
+        ]
+        self._streams = [
+            ShuffledStream(
+                source,
+                spec,
+                chunk_size=shuffle_buffer,
+                seed=seed,
+                dataset_index=e.index,
+                process_index=process_index,
+                process_count=process_count,
+                tracker=tracker,
+            )
+            for e, source, spec, tracker in zip(
+                self.entries, sources, specs, self._trackers, strict=True
+            )
+        ]
+        names = [e.name for e in self.entries]
+        mixer = Mixer(
+            self.layouts,
+            [e.weight for e in self.entries],
+            self._streams,
+            names=names,
+            seed=seed,
+            groups_per_batch=datasets_per_batch,
+            rows_per_group=rows_per_group,
+            skip_duplicates=skip_duplicates,
+        )
+        collator = Collator(BatchTokenizer(tokenizer), limits, buckets)
+        settings = dict(
+            seed=seed,
+            batch_size=batch_size,
+            datasets_per_batch=datasets_per_batch,
+            shuffle_buffer=shuffle_buffer,
+            skip_duplicates=skip_duplicates,
+            process_index=process_index,
+            process_count=process_count,
+        )
+        self._batches = _Batches(mixer, collator, self._streams, names, settings)
+        self._iterator = ThreadPrefetchDatasetIterator(self._batches, prefetch)
+        self._closed = False
+        self._log_mixture(mixer)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self._closed:
+            raise RuntimeError("the input pipeline is closed.")
+        return next(self._iterator)
+
+    def get_state(self) -> dict[str, Any]:
+        """Position right after the last batch handed out (JSON-serialisable, per process)."""
+        return copy.deepcopy(self._iterator.get_state())
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Continues exactly after the batch that `state` was taken after.
+
+        Raises:
+          ValueError: the state belongs to other settings or another data config.
+        """
+        if self._closed:
+            raise RuntimeError("the input pipeline is closed.")
+        self._iterator.set_state(copy.deepcopy(state))
+
+    def stats(self) -> dict[str, Any]:
+        """Counters up to the last batch handed out.
+
+        Returns:
+          step, per-dataset rows ("datasets": name, weight, expected_share, layout,
+          examples, groups, duplicates_skipped, bad_lines, lines_checked,
+          bad_line_samples), totals (examples, groups, duplicates_skipped,
+          topped_up_groups, bad_lines), real_tokens, padding_tokens, padding_share and
+          padding_share_by_length (padded length -> share of padding tokens).
+        """
+        state = self._iterator.get_state()
+        counters = state["counters"]
+        total_weight = sum(e.weight for e in self.entries)
+        datasets = [
+            {
+                "name": e.name,
+                "weight": e.weight,
+                "expected_share": e.weight / total_weight,
+                "layout": str(self.layouts[i]),
+                "examples": counters["examples"][i],
+                "groups": counters["groups"][i],
+                "duplicates_skipped": counters["duplicates"][i],
+                "bad_lines": state["datasets"][i]["bad"],
+                "lines_checked": state["datasets"][i]["checked"],
+                "bad_line_samples": list(self._trackers[i].samples),
+            }
+            for i, e in enumerate(self.entries)
+        ]
+        tokens = counters["tokens"]
+        real = sum(r for r, _ in tokens.values())
+        total = sum(t for _, t in tokens.values())
+        return {
+            "step": state["step"],
+            "datasets": datasets,
+            "examples": sum(counters["examples"]),
+            "groups": sum(counters["groups"]),
+            "duplicates_skipped": sum(counters["duplicates"]),
+            "topped_up_groups": counters["topped_up_groups"],
+            "bad_lines": sum(d["bad_lines"] for d in datasets),
+            "real_tokens": real,
+            "padding_tokens": total - real,
+            "padding_share": (total - real) / total if total else 0.0,
+            "padding_share_by_length": {
+                int(width): (t - r) / t for width, (r, t) in sorted(tokens.items(), key=_width)
+            },
+        }
+
+    def close(self) -> None:
+        """Stops the prefetch thread and closes the files; get_state() and stats() still work."""
+        if not self._closed:
+            self._closed = True
+            self._iterator.close()
+            self._batches.close()
+
+    def __enter__(self) -> InputPipeline:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _log_mixture(self, mixer: Mixer) -> None:
+        total = sum(e.weight for e in self.entries)
+        for layout in mixer.layouts:
+            members = [e for e, x in zip(self.entries, self.layouts, strict=True) if x == layout]
+            logger.info(
+                "Input pipeline: layout %s, %d dataset(s), %.1f%% of the weight.",
+                layout,
+                len(members),
+                100 * sum(e.weight for e in members) / total,
+            )
+
+
+def _width(item: tuple[str, Any]) -> int:
+    return int(item[0])
+
+
+def _check_settings(**s) -> None:
+    """Fails at start-up on settings the pipeline cannot honour, saying what to change."""
+    for key in ("batch_size", "datasets_per_batch", "max_length_anchor", "max_length_document"):
+        value = s[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key} must be a positive integer, got {value!r}.")
+    for key in ("max_length_anchor", "max_length_document"):
+        if s[key] < 2:
+            raise ValueError(f"{key} must be >= 2 (room for the special tokens), got {s[key]}.")
+    for key, low in (("shuffle_buffer", 1), ("prefetch", 0), ("seed", 0), ("process_count", 1)):
+        value = s[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{key} must be an integer >= {low}, got {value!r}.")
+    if not 0 <= s["process_index"] < s["process_count"]:
+        raise ValueError(
+            f"process_index {s['process_index']} is not in [0, process_count={s['process_count']})."
+        )
+    share = s["max_bad_line_share"]
+    if isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share <= 1:
+        raise ValueError(f"max_bad_line_share must be in [0, 1], got {share!r}.")
+    unit = s["datasets_per_batch"] * s["process_count"]
+    if s["batch_size"] % unit:
+        raise ValueError(
+            f"batch_size {s['batch_size']} is not divisible by datasets_per_batch "
+            f"({s['datasets_per_batch']}) x process_count ({s['process_count']}) = {unit}: every "
+            f"process fills an equal share of every group. Use a multiple of {unit}, e.g. "
+            f"{max(unit, s['batch_size'] // unit * unit)}."
+        )
+    buckets = s["buckets"]
+    if not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in buckets) or list(
+        buckets
+    ) != sorted(set(buckets)):
+        raise ValueError(f"buckets must be increasing positive integers, got {buckets!r}.")
+
+
+def _check_buckets(buckets: Sequence[int], limits: Sequence[tuple[int, int]]) -> None:
+    longest = max(max(pair) for pair in limits)
+    if buckets and buckets[-1] > longest:
+        raise ValueError(
+            f"bucket {buckets[-1]} is longer than every token limit (largest {longest}): no text "
+            "can need it. Drop it from data.buckets or raise the max lengths."
+        )
+
+
+_CONFIG_KEYS = (
+    "datasets_per_batch",
+    "max_length_anchor",
+    "max_length_document",
+    "buckets",
+    "shuffle_buffer",
+    "skip_duplicates",
+    "max_bad_line_share",
+    "prefetch",
+)
+
+
+def build_pipeline(
+    config: ml_collections.ConfigDict, tokenizer, *, process_index: int = 0, process_count: int = 1
+) -> InputPipeline:
+    """The InputPipeline that a training config describes.
+
+    Reads config.data_folder, config.data_config, config.batch_size (global), config.seed
+    and config.data.{datasets_per_batch, max_length_anchor, max_length_document, buckets,
+    shuffle_buffer, skip_duplicates, max_bad_line_share, prefetch}.
+    """
+    missing = [k for k in ("data_folder", "data_config", "batch_size", "seed") if k not in config]
+    if "data" not in config:
+        missing.append("data")
+    else:
+        missing += [f"data.{k}" for k in _CONFIG_KEYS if k not in config.data]
+    if missing:
+        raise ValueError(
+            f"the config lacks {missing}: start from configs/default.py, which sets them all."
+        )
+    data = config.data
+    return InputPipeline(
+        data_config=config.data_config,
+        data_folder=config.data_folder,
+        tokenizer=tokenizer,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        process_index=process_index,
+        process_count=process_count,
+        **{k: tuple(data[k]) if k == "buckets" else data[k] for k in _CONFIG_KEYS},
+    )

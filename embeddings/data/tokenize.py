@@ -1,0 +1,130 @@
+"""From texts to padded arrays: truncation per side, a few static lengths, stable text hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from collections.abc import Sequence
+
+import numpy as np
+import tokenizers
+
+from embeddings.data.readers import Example, Layout
+
+
+def text_hash(text: str) -> int:
+    """A stable 32-bit hash of a text (BLAKE2b of its UTF-8 bytes, little-endian).
+
+    Unlike Python's hash(), it is the same on every process and run, so the loss can
+    compare texts that different hosts tokenized.
+    """
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=4).digest(), "little")
+
+
+def padded_length(longest: int, buckets: Sequence[int], limit: int) -> int:
+    """The smallest bucket that holds `longest` tokens, else the token limit itself."""
+    for bucket in buckets:
+        if bucket >= longest:
+            return bucket
+    return limit
+
+
+class BatchTokenizer:
+    """Encodes lists of texts with a fast tokenizer, truncated to a token limit.
+
+    Keeps private copies of the Rust tokenizer (one per limit) so that the
+    prefetch thread never changes the truncation settings of the tokenizer the
+    rest of the program uses.
+
+    Args:
+      tokenizer: a transformers fast tokenizer or a `tokenizers.Tokenizer`.
+    """
+
+    def __init__(self, tokenizer):
+        backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+        if not isinstance(backend, tokenizers.Tokenizer):
+            raise TypeError(
+                "the input pipeline needs a fast (Rust) tokenizer, got "
+                f"{type(tokenizer).__name__}: "
+                "load it with transformers.AutoTokenizer.from_pretrained(path)."
+            )
+        self._serialized = backend.to_str()
+        pad_id = getattr(tokenizer, "pad_token_id", None)
+        self.pad_id = int(pad_id) if pad_id is not None else 0
+        self._by_limit: dict[int, tokenizers.Tokenizer] = {}
+
+    def encode(self, texts: Sequence[str], limit: int) -> list[list[int]]:
+        """Token ids with special tokens, at most `limit` per text, unpadded."""
+        tokenizer = self._by_limit.get(limit)
+        if tokenizer is None:
+            tokenizer = tokenizers.Tokenizer.from_str(self._serialized)
+            tokenizer.no_padding()
+            tokenizer.enable_truncation(limit)
+            self._by_limit[limit] = tokenizer
+        return [e.ids for e in tokenizer.encode_batch_fast(list(texts))]
+
+
+class Collator:
+    """Turns a process-local batch of examples into the arrays the trainer consumes.
+
+    Args:
+      tokenizer: the BatchTokenizer.
+      limits: (anchor limit, document limit) per dataset index.
+      buckets: padded lengths; () pads to the token limit.
+    """
+
+    def __init__(
+        self, tokenizer: BatchTokenizer, limits: Sequence[tuple[int, int]], buckets: Sequence[int]
+    ):
+        self._tokenizer = tokenizer
+        self._limits = limits
+        self._buckets = tuple(buckets)
+
+    def __call__(
+        self, rows: Sequence[tuple[int, Example]], layout: Layout
+    ) -> tuple[dict[str, object], list[tuple[int, int, int]]]:
+        """Tokenizes and pads the rows.
+
+        Returns:
+          The batch dict, and (padded length, real tokens, padded tokens) per column.
+        """
+        datasets = np.array([d for d, _ in rows], dtype=np.int32)
+        ids, masks, tokens = [], [], []
+        for column in range(layout.columns):
+            side = 0 if column == 0 else 1
+            texts = [example.texts[column] for _, example in rows]
+            limits = [self._limits[d][side] for d, _ in rows]
+            sequences = self._encode(texts, limits)
+            lengths = np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences))
+            width = padded_length(int(lengths.max()), self._buckets, max(limits))
+            mask = np.arange(width)[None, :] < lengths[:, None]
+            column_ids = np.full((len(rows), width), self._tokenizer.pad_id, dtype=np.int32)
+            column_ids[mask] = np.fromiter(
+                itertools.chain.from_iterable(sequences), dtype=np.int32, count=int(lengths.sum())
+            )
+            ids.append(column_ids)
+            masks.append(mask.astype(np.int32))
+            tokens.append((width, int(lengths.sum()), mask.size))
+        batch = {
+            "input_ids": tuple(ids),
+            "attention_mask": tuple(masks),
+            "text_hash": np.array(
+                [[text_hash(t) for t in example.texts] for _, example in rows], dtype=np.uint32
+            ),
+            "dataset_index": datasets,
+        }
+        if layout.kind == "margin":
+            batch["margin"] = np.array([example.margin for _, example in rows], dtype=np.float32)
+        return batch, tokens
+
+    def _encode(self, texts: list[str], limits: list[int]) -> list[list[int]]:
+        """Encodes texts whose limits may differ (groups of datasets with their own limits)."""
+        if len(set(limits)) == 1:
+            return self._tokenizer.encode(texts, limits[0])
+        sequences: list[list[int]] = [[] for _ in texts]
+        for limit in set(limits):
+            where = [i for i, x in enumerate(limits) if x == limit]
+            encoded = self._tokenizer.encode([texts[i] for i in where], limit)
+            for i, seq in zip(where, encoded, strict=True):
+                sequences[i] = seq
+        return sequences
