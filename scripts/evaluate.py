@@ -1,0 +1,112 @@
+"""Evaluates a model on STS or retrieval without training, with the training evaluators.
+
+    python scripts/evaluate.py --model out/my-model --task retrieval \
+        --data data/debian_retrieval_dev.jsonl.gz
+    python scripts/evaluate.py --model PATH --task sts --data data/stsbenchmark.tsv.gz \
+        --split test --json
+
+`--model` is a sentence-transformers or Hugging Face model folder (or Hub id), loaded with the
+project's JAX encoders. Prints a table of metrics; with --json the last line is one JSON object.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from absl import app, flags
+from etils import epath
+
+from embeddings.evaluation import EncodeFn, Evaluator, RetrievalEvaluator, STSEvaluator
+
+_MODEL = flags.DEFINE_string("model", None, "Model folder (sentence-transformers or HF) or Hub id.")
+_TASK = flags.DEFINE_enum("task", None, ["sts", "retrieval"], "Which evaluation to run.")
+_DATA = flags.DEFINE_string("data", None, "STS .tsv(.gz) file or retrieval .jsonl(.gz) file.")
+_SPLIT = flags.DEFINE_enum("split", "dev", ["train", "dev", "test"], "STS split.")
+_BATCH = flags.DEFINE_integer("batch_size", 128, "Texts per encoding batch.")
+_MAX_QUERIES = flags.DEFINE_integer(
+    "max_queries", 0, "Retrieval: at most this many queries (0 = all); the corpus stays whole."
+)
+_SIMILARITY = flags.DEFINE_enum(
+    "similarity", None, ["cosine", "dot"], "Override the model's similarity (default: its own)."
+)
+_JSON = flags.DEFINE_bool("json", False, "Print the metrics as one JSON object on the last line.")
+flags.mark_flags_as_required(["model", "task", "data"])
+
+# Files a training workdir (or one of its checkpoint step folders) has and a model folder lacks.
+_WORKDIR_MARKERS = ("checkpoints", "state", "metrics.jsonl")
+
+
+def load_encode_fn(path: str, batch_size: int) -> tuple[EncodeFn, str]:
+    """An encode function for the model at `path`, and the model's similarity.
+
+    Args:
+      path: a sentence-transformers or Hugging Face folder, or a Hub id.
+      batch_size: texts per forward pass.
+
+    Returns:
+      (encode(texts, role) -> embeddings, "cosine" or "dot").
+
+    Raises:
+      NotImplementedError: for a training workdir or checkpoint (not supported yet).
+    """
+    folder = epath.Path(path)
+    if any((folder / marker).exists() for marker in _WORKDIR_MARKERS):
+        raise NotImplementedError(
+            f"{path} is a training workdir or checkpoint; evaluating checkpoints directly is not "
+            f"supported yet. Export it first (python scripts/export.py --workdir {path} --output "
+            "OUT) and pass --model OUT."
+        )
+    # Imported here so that --help and argument errors do not pay for loading JAX and Flax.
+    from embeddings.models import SentenceEncoder, load_pretrained
+
+    pretrained = load_pretrained(path)
+    encoder = SentenceEncoder(pretrained.config, pretrained.spec)
+    tokenizer = pretrained.tokenizer()
+
+    def encode(texts, role):
+        del role  # one tower: queries and documents share the encoder
+        return encoder.encode(pretrained.params, tokenizer, list(texts), batch_size=batch_size)
+
+    return encode, pretrained.spec.similarity or "cosine"
+
+
+def build_evaluator(task: str, data: str, similarity: str) -> Evaluator:
+    """The evaluator of `task` on `data`, configured from the command line."""
+    if task == "sts":
+        similarities = ("cosine",) if similarity == "cosine" else ("cosine", similarity)
+        return STSEvaluator(data, _SPLIT.value, similarities=similarities)
+    return RetrievalEvaluator(data, max_queries=_MAX_QUERIES.value, similarity=similarity)
+
+
+def print_table(metrics: dict[str, float]) -> None:
+    width = max(len(name) for name in metrics)
+    for name, value in metrics.items():
+        print(f"{name:<{width}}  {value:.4f}")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if _BATCH.value <= 0 or _MAX_QUERIES.value < 0:
+        raise app.UsageError("--batch_size must be > 0 and --max_queries >= 0.")
+    try:
+        encode, model_similarity = load_encode_fn(_MODEL.value, _BATCH.value)
+        similarity = _SIMILARITY.value or model_similarity
+        metrics = build_evaluator(_TASK.value, _DATA.value, similarity)(encode)
+    except (NotImplementedError, FileNotFoundError, ValueError) as err:
+        # These carry a message saying what is wrong and what to do; a traceback adds nothing.
+        sys.exit(f"evaluate.py: error: {err}")
+
+    print(f"{_TASK.value} on {_DATA.value} ({_MODEL.value}, similarity {similarity})")
+    print_table(metrics)
+    if _JSON.value:
+        summary = {"model": _MODEL.value, "task": _TASK.value, "data": _DATA.value}
+        if _TASK.value == "sts":
+            summary["split"] = _SPLIT.value
+        print(json.dumps({**summary, "similarity": similarity, **metrics}))
+
+
+if __name__ == "__main__":
+    app.run(main)
