@@ -21,7 +21,7 @@ from test_data_support import (
 )
 
 from embeddings.data import MalformedDataError, build_pipeline, text_hash
-from embeddings.data.tokenize import Collator
+from embeddings.data.tokenize import BatchTokenizer, Collator
 
 
 def varied_rows(dataset: int, lines: int) -> list[list[str]]:
@@ -90,6 +90,48 @@ def test_per_dataset_max_lengths(tmp_path):
     with make_pipeline(tmp_path, datasets, batch_size=8, buckets=(8, 12)) as pipeline:
         for _ in range(15):
             check_against_transformers(next(pipeline), rows, limits, (8, 12))
+
+
+def long_texts(seed: int, count: int) -> list[str]:
+    """Long random texts mixing scripts, punctuation, control characters and odd whitespace."""
+    rng = np.random.default_rng(seed)
+    pieces = ["alpha", "Beta", "ünïcödé", "日本語のテキスト", "!!?", "x" * 30, "\x00\x00", "a\x1cb"]
+    pieces += ["naïve", "3.14", "don't", "e-mail", "\u200b", "Ωmega"]
+    separators = [" ", "  ", "\n", "\t", " \r\n ", "\u3000", "\xa0"]
+    texts = [
+        "".join(rng.choice(pieces) + rng.choice(separators) for _ in range(rng.integers(1, 400)))
+        for _ in range(count)
+    ]
+    # Words that normalise to nothing first: the cut text is short and must be redone whole.
+    texts.append("\x00 " * 300 + "the words that count come last " * 20)
+    return texts
+
+
+@pytest.mark.parametrize("limit", [8, 40])
+def test_long_texts_are_cut_exactly(limit):
+    tokenizer = bert_tokenizer()
+    texts = long_texts(limit, 60)
+    expected = [tokenizer(t, truncation=True, max_length=limit)["input_ids"] for t in texts]
+    assert BatchTokenizer(tokenizer).encode(texts, limit) == expected
+
+
+def test_long_texts_are_cut_exactly_with_byte_level_bpe():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    bpe.train_from_iterator(long_texts(0, 40), trainer)
+    bpe.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 1))
+    texts = long_texts(1, 60)
+    bpe.enable_truncation(24)
+    expected = [bpe.encode(t).ids for t in texts]
+    assert BatchTokenizer(bpe).encode(texts, 24) == expected
 
 
 def test_text_hash_is_stable_across_processes(tmp_path):
