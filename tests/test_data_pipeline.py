@@ -193,6 +193,36 @@ def test_resume_gives_the_identical_continuation(tmp_path):
                     assert_same_batches(next(second), expected)
 
 
+def test_multi_host_resume_from_the_states_of_all_processes(tmp_path):
+    datasets = [(synthetic_rows(0, 21), 1, {}), (synthetic_rows(1, 33), 1, {})]
+    settings = dict(batch_size=8, shuffle_buffer=8, process_count=2)
+
+    def pipelines():
+        return [make_pipeline(tmp_path, datasets, process_index=p, **settings) for p in (0, 1)]
+
+    first = pipelines()
+    reference = [[next(p) for p in first] for _ in range(12)]
+    for p in first:
+        p.close()
+    first = pipelines()
+    for _ in range(5):
+        for p in first:
+            next(p)
+    saved = json.loads(json.dumps({"processes": [p.get_state() for p in first]}))
+    with pytest.raises(ValueError, match=r"belongs to process 0, not 1"):
+        first[1].set_state(saved["processes"][0])
+    for p in first:
+        p.close()
+    resumed = pipelines()
+    for p in resumed:
+        p.set_state(saved)
+    for step in range(5, 12):
+        for p, expected in zip(resumed, reference[step], strict=True):
+            assert_same_batches(next(p), expected)
+    for p in resumed:
+        p.close()
+
+
 def test_state_is_small_and_checked(tmp_path):
     datasets = [(synthetic_rows(0, 30), 1, {}), (synthetic_rows(1, 30), 1, {})]
     with make_pipeline(tmp_path, datasets) as pipeline:

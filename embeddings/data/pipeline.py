@@ -100,6 +100,12 @@ class _Batches:
             )
         saved = state["settings"]
         changed = {k: (saved.get(k), v) for k, v in self._settings.items() if saved.get(k) != v}
+        if "process_index" in changed and "process_count" not in changed:
+            raise ValueError(
+                f"this input pipeline state belongs to process {saved['process_index']}, not "
+                f"{self._settings['process_index']}: a multi-host checkpoint must keep every "
+                'process\'s state, e.g. {"processes": [state of process 0, ...]}.'
+            )
         if changed:
             detail = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in changed.items())
             raise ValueError(
@@ -261,17 +267,37 @@ class InputPipeline:
         return next(self._iterator)
 
     def get_state(self) -> dict[str, Any]:
-        """Position right after the last batch handed out (JSON-serialisable, per process)."""
+        """Position right after the last batch handed out (JSON-serialisable).
+
+        The state is this process's own: processes skip different duplicates, so their
+        positions differ. A multi-host checkpoint stores every process's state, e.g. as
+        {"processes": [state of process 0, state of process 1, ...]}, which set_state
+        accepts on every process.
+        """
         return copy.deepcopy(self._iterator.get_state())
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Continues exactly after the batch that `state` was taken after.
 
+        Args:
+          state: a get_state() result of this process, or {"processes": [...]} holding
+            one per process, in process order.
+
         Raises:
-          ValueError: the state belongs to other settings or another data config.
+          ValueError: the state belongs to another process, other settings or another
+            data config.
         """
         if self._closed:
             raise RuntimeError("the input pipeline is closed.")
+        if isinstance(state, dict) and "processes" in state:
+            states = state["processes"]
+            if not isinstance(states, list) or len(states) != self.process_count:
+                raise ValueError(
+                    f"the saved input pipeline state holds {len(states)} process state(s); "
+                    f"this run has {self.process_count} processes. Resume with the same "
+                    "number of processes."
+                )
+            state = states[self.process_index]
         self._iterator.set_state(copy.deepcopy(state))
 
     def stats(self) -> dict[str, Any]:
