@@ -84,6 +84,28 @@ def _agree_lengths(batch: dict) -> dict:
     )
 
 
+def pipeline_state(pipeline) -> dict:
+    """The input position of every process, for the checkpoint.
+
+    Each process reads its own lines, so its position differs; the checkpoint
+    (written by process 0) holds all of them and each process restores its own.
+    """
+    state = pipeline.get_state()
+    if jax.process_count() == 1:
+        return state
+    raw = np.frombuffer(json.dumps(state).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.array([raw.size], np.int32)).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: raw.size] = raw
+    everyone = multihost_utils.process_allgather(padded)
+    return {
+        "processes": [
+            json.loads(bytes(row[:size]).decode())
+            for row, size in zip(everyone, sizes, strict=True)
+        ]
+    }
+
+
 def _device_batch(local: dict, mesh) -> dict:
     local = _agree_lengths({k: v for k, v in local.items() if k not in HOST_ONLY_KEYS})
     return global_batch(local, mesh)
@@ -196,7 +218,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         mesh=mesh,
         state_shardings=shardings,
     )
-    evaluators = build_evaluators(config.eval)
+    evaluators = build_evaluators(config.eval, similarity=config.loss.similarity)
     writer = MetricWriter(workdir, enabled=process_index == 0, resume_step=start_step)
     stop = _StopSignal()
     peak = flops.peak_flops()
@@ -253,15 +275,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 )
             if (config.eval_every and step % config.eval_every == 0) or last:
                 results = run_eval(step)
-                checkpointer.save_if_best(step, state, pipeline.get_state(), results)
+                checkpointer.save_if_best(step, state, pipeline_state(pipeline), results)
             stopping = stop.should_stop(step)
             if step % config.checkpoint_every == 0 or last or stopping:
-                checkpointer.save(step, state, pipeline.get_state())
+                checkpointer.save(step, state, pipeline_state(pipeline))
             if stopping:
                 logging.warning("Stopped at step %d; checkpoint saved in %s.", step, workdir)
                 break
         if config.total_steps == 0:  # import-only run: the export reproduces the init
-            checkpointer.save(0, state, pipeline.get_state())
+            checkpointer.save(0, state, pipeline_state(pipeline))
     finally:
         checkpointer.wait()
         checkpointer.close()
