@@ -88,10 +88,12 @@ def test_tiny_sentence_transformer_with_cls_pooling(tmp_path):
         pooling="cls", normalize=False, max_seq_length=MAX_SEQ_LENGTH, similarity="cosine"
     )
     texts = ["A short one.", "Unicode: café 東京 " * 12, "Numbers 1 2 3 4.5", ""]
-    ours = SentenceEncoder(pre.config, pre.spec).encode(pre.params, pre.tokenizer(), texts)
+    encoder = SentenceEncoder(pre.config, pre.spec)
+    ours = encoder.encode(pre.params, pre.tokenizer(), texts, batch_size=3)
     reference = SentenceTransformer(str(folder), device="cpu").encode(texts)
     assert np.abs(ours - reference).max() <= TOL
     assert np.abs(np.linalg.norm(ours, axis=1) - 1).max() > 0.1  # really not normalised
+    assert encoder.encode(pre.params, pre.tokenizer(), []).shape == (0, 32)
 
 
 def _write_json(path: pathlib.Path, value) -> None:

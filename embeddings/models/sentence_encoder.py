@@ -150,16 +150,18 @@ class SentenceEncoder:
         """
         if isinstance(texts, str):
             raise TypeError("encode() takes a sequence of texts, not a single string.")
+        out = np.zeros((len(texts), self.config.hidden_size), np.float32)
+        if not texts:
+            return out
         limit = self._max_length(tokenizer, max_length)
         tokens = tokenizer(list(texts), truncation=True, max_length=limit)
         use_types = self.config.type_vocab_size > 0 and "token_type_ids" in tokens
         order = np.argsort([-len(ids) for ids in tokens["input_ids"]], kind="stable")
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        out = np.zeros((len(texts), self.config.hidden_size), np.float32)
         for start in range(0, len(texts), batch_size):
             rows = order[start : start + batch_size]
             longest = max(len(tokens["input_ids"][i]) for i in rows)
-            length = min(_round_up(longest, _LENGTH_MULTIPLE), max(limit, longest))
+            length = min(_round_up(longest, _LENGTH_MULTIPLE), limit)  # longest <= limit
             shape = (_round_up(len(rows), _ROW_MULTIPLE), length)
             ids = np.full(shape, pad_id, np.int32)
             mask = np.zeros(shape, np.int32)
