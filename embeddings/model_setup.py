@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import transformers
 from etils import epath
 
 from embeddings.dual_encoder import DualEncoder
@@ -55,8 +56,11 @@ class ModelSetup:
 
 
 def _random_encoder_config(m: ml_collections.ConfigDict, tokenizer) -> EncoderConfig:
-    return EncoderConfig.for_family(
-        m.model_type,
+    """The family's transformers defaults (position offsets, token types, MPNet
+    buckets...) with the sizes of `config.model`."""
+    family = EncoderConfig.from_hf(transformers.AutoConfig.for_model(m.model_type).to_dict())
+    return dataclasses.replace(
+        family,
         vocab_size=m.vocab_size,
         hidden_size=m.hidden_size,
         num_layers=m.num_layers,
