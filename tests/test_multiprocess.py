@@ -1,0 +1,104 @@
+"""Two local processes joined with jax.distributed behave like one (as on a TPU pod)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from embeddings.sharding import make_mesh
+from tests.test_train_step import _random_setup, _sharded_loss_and_grads
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _run_pair(command_for, timeout=600):
+    """Starts processes 0 and 1; returns their (returncode, output)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    env.pop("XLA_FLAGS", None)
+    procs = [
+        subprocess.Popen(
+            command_for(i),
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    return [(p.returncode, out) for p, out in zip(procs, outputs, strict=True)]
+
+
+def test_two_processes_give_the_single_device_loss_and_gradients(tmp_path):
+    port, out = _free_port(), tmp_path / "result"
+    results = _run_pair(
+        lambda i: [
+            sys.executable,
+            str(ROOT / "tests/multiprocess_worker.py"),
+            str(i),
+            str(port),
+            str(out),
+        ]
+    )
+    for code, output in results:
+        assert code == 0, output[-3000:]
+    model, params, batch = _random_setup(rows=16)
+    loss, grads = _sharded_loss_and_grads(model, params, batch, make_mesh(1, 1, jax.devices()[:1]))
+    for chunk in (0, 8):
+        got = np.load(f"{out}.{chunk}.npz")
+        assert float(got["loss"]) == pytest.approx(loss, rel=1e-6)
+        for path, expected in jax.tree_util.tree_leaves_with_path(grads):
+            atol = max(1e-5 * float(np.abs(expected).max()), 1e-9)
+            np.testing.assert_allclose(
+                got[jax.tree_util.keystr(path)], expected, rtol=1e-5, atol=atol
+            )
+
+
+def test_train_py_runs_as_two_processes(tmp_path):
+    port, workdir = _free_port(), tmp_path / "run"
+
+    def command(i):
+        return [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "--config",
+            str(ROOT / "configs/tiny.py"),
+            "--workdir",
+            str(workdir),
+            "--config.total_steps=4",
+            "--config.log_every=2",
+            "--config.eval.sts_file=",
+            "--config.eval.retrieval_file=",
+            f"--coordinator_address=localhost:{port}",
+            "--num_processes=2",
+            f"--process_id={i}",
+        ]
+
+    results = _run_pair(command)
+    for code, output in results:
+        assert code == 0, output[-3000:]
+    records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    assert all(np.isfinite(r["loss"]) for r in records)
+    assert (workdir / "checkpoints" / "4").exists()
+    data_state = (
+        json.loads((workdir / "checkpoints" / "4" / "data" / "data").read_text())
+        if (workdir / "checkpoints" / "4" / "data" / "data").exists()
+        else None
+    )
+    if data_state is not None:
+        assert len(data_state["processes"]) == 2
