@@ -3,6 +3,7 @@
 Layout of a workdir:
   WORKDIR/checkpoints/<step>/{state,data}   newest `keep` steps
   WORKDIR/best/<step>/{state,data}          the best step by `best_metric`
+  WORKDIR/corrupt/<step>                    unreadable checkpoints, set aside on restore
 
 Orbax writes each step into a temporary folder and renames it when complete,
 so an interrupted save never replaces a good checkpoint. Saves are
@@ -17,6 +18,7 @@ from etils import epath
 
 CHECKPOINTS = "checkpoints"
 BEST = "best"
+CORRUPT = "corrupt"  # unreadable checkpoints are moved here, never deleted
 
 
 def _manager(directory: epath.Path, options: ocp.CheckpointManagerOptions) -> ocp.CheckpointManager:
@@ -91,15 +93,28 @@ class Checkpointer:
             try:
                 state, data = restore_step(self.manager, step, abstract_state)
             except Exception as e:  # any read failure: try an older one
+                moved = self._set_aside(step)
                 logging.warning(
-                    "Checkpoint %s is unreadable (%s: %s); falling back to an older one.",
+                    "Checkpoint %s is unreadable (%s: %s); moved it to %s and falling back to "
+                    "an older one.",
                     self.workdir / CHECKPOINTS / str(step),
                     type(e).__name__,
                     str(e).splitlines()[0] if str(e) else "",
+                    moved,
                 )
                 continue
             return state, data, step
         return None
+
+    def _set_aside(self, step: int) -> epath.Path:
+        """Moves an unreadable step out of the way (kept for inspection, not deleted)."""
+        target = self.workdir / CORRUPT / str(step)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            target = target.parent / f"{step}.{len(list(target.parent.iterdir()))}"
+        (self.workdir / CHECKPOINTS / str(step)).rename(target)
+        self.manager.reload()
+        return target
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -158,9 +173,14 @@ def find_checkpoint(workdir, *, step: int | None = None, best: bool = False) -> 
 
 
 def restore_params(path) -> dict:
-    """Reads the parameters of a checkpoint step folder as host arrays.
+    """Reads the parameters of a checkpoint step folder as host numpy arrays.
 
     Needs no model or optimizer to be built first (export and evaluation use it).
+    Layer indices come back as strings ('0', '1', ...), as Orbax stores keys;
+    the encoders accept either.
     """
-    tree = ocp.PyTreeCheckpointer().restore(epath.Path(path) / "state")
-    return jax.tree.map(np.asarray, tree["params"])
+    checkpointer = ocp.PyTreeCheckpointer()
+    state = epath.Path(path) / "state"
+    tree = checkpointer.metadata(state).item_metadata.tree
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return checkpointer.restore(state, restore_args=as_numpy)["params"]

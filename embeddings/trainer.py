@@ -32,6 +32,37 @@ from embeddings.train_step import TrainState, init_state, make_train_step
 HOST_ONLY_KEYS = ("dataset_index",)  # batch fields used for statistics, never sent to devices
 
 
+class Throughput:
+    """Rates over the steps since the last report: steps, pairs, real tokens, MFU."""
+
+    def __init__(self, batch_size: int, peak_flops: float | None):
+        self.batch_size, self.peak_flops = batch_size, peak_flops
+        self.restart()
+
+    def restart(self) -> None:
+        self.start, self.steps, self.tokens, self.flops = time.perf_counter(), 0, 0, 0.0
+
+    def add(self, *, tokens: int, flops: float) -> None:
+        self.steps += 1
+        self.tokens += tokens
+        self.flops += flops
+
+    def report(self) -> dict[str, float]:
+        """The rates (empty before any timed step), then starts a new window."""
+        elapsed = time.perf_counter() - self.start
+        rates = {}
+        if self.steps:
+            rates = {
+                "steps_per_second": self.steps / elapsed,
+                "pairs_per_second": self.steps * self.batch_size / elapsed,
+                "tokens_per_second": self.tokens / elapsed,
+            }
+            if self.peak_flops:
+                rates["mfu"] = self.flops / elapsed / self.peak_flops
+        self.restart()
+        return rates
+
+
 class _StopSignal:
     """Remembers a SIGTERM (preemption) so the loop can checkpoint and exit."""
 
@@ -221,7 +252,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     evaluators = build_evaluators(config.eval, similarity=config.loss.similarity)
     writer = MetricWriter(workdir, enabled=process_index == 0, resume_step=start_step)
     stop = _StopSignal()
-    peak = flops.peak_flops()
 
     def run_eval(step: int) -> dict:
         if not evaluators:
@@ -237,42 +267,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # ---- Loop ----
     step = start_step
     batches = iter(pipeline)
-    window_start, window_steps, window_tokens, window_flops = time.perf_counter(), 0, 0, 0.0
-    run_start = window_start
+    throughput = Throughput(config.batch_size, flops.peak_flops())
+    run_start = time.perf_counter()
     try:
         while step < config.total_steps:
             local = next(batches)
             batch = _device_batch(local, mesh)
             state, metrics = train_step(state, batch)
             step += 1
-            window_steps += 1
-            masks = local["attention_mask"]
-            window_tokens += process_count * int(sum(m.sum() for m in masks))
-            window_flops += flops.train_step_flops(
-                model.encoder.config,
-                [x.shape[1] for x in batch["input_ids"]],
-                config.batch_size,
-                bool(config.grad_cache_chunk),
-            )
+            if step == start_step + 1:  # the first step compiles: leave it out of the rates
+                jax.block_until_ready(state)
+                throughput.restart()
+            else:
+                throughput.add(
+                    tokens=process_count * int(sum(m.sum() for m in local["attention_mask"])),
+                    flops=flops.train_step_flops(
+                        model.encoder.config,
+                        [x.shape[1] for x in batch["input_ids"]],
+                        config.batch_size,
+                        bool(config.grad_cache_chunk),
+                    ),
+                )
             last = step == config.total_steps
             if step % config.log_every == 0 or last:
                 metrics = jax.device_get(metrics)  # waits for the step: timings are real
-                elapsed = time.perf_counter() - window_start
-                rates = {
-                    "steps_per_second": window_steps / elapsed,
-                    "pairs_per_second": window_steps * config.batch_size / elapsed,
-                    "tokens_per_second": window_tokens / elapsed,
-                }
-                if peak:
-                    rates["mfu"] = window_flops / elapsed / peak
-                eta = (config.total_steps - step) / rates["steps_per_second"]
+                rates = throughput.report()
+                eta = None
+                if rates:
+                    eta = (config.total_steps - step) / rates["steps_per_second"]
                 writer.write(step, {**metrics, **rates}, eta_seconds=eta)
-                window_start, window_steps, window_tokens, window_flops = (
-                    time.perf_counter(),
-                    0,
-                    0,
-                    0.0,
-                )
             if (config.eval_every and step % config.eval_every == 0) or last:
                 results = run_eval(step)
                 checkpointer.save_if_best(step, state, pipeline_state(pipeline), results)

@@ -1,0 +1,172 @@
+"""train.py end to end on configs/tiny.py: checkpoints, metrics, exact resume, signals."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from embeddings.checkpointing import find_checkpoint, restore_params
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+def _env():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"  # exercise the sharded path
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _command(workdir, *overrides):
+    return [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--config",
+        str(ROOT / "configs/tiny.py"),
+        "--workdir",
+        str(workdir),
+        "--config.eval.sts_file=",  # evaluation is tested elsewhere; keep these runs short
+        "--config.eval.retrieval_file=",
+        *overrides,
+    ]
+
+
+def _train(workdir, *overrides, check=True):
+    proc = subprocess.run(
+        _command(workdir, *overrides), cwd=ROOT, env=_env(), capture_output=True, text=True
+    )
+    if check and proc.returncode:
+        raise AssertionError(f"train.py failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def _metrics(workdir):
+    return [json.loads(x) for x in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _params(workdir, step=None):
+    return restore_params(find_checkpoint(workdir, step=step))
+
+
+def _assert_same_params(a, b):
+    import jax
+
+    for (path, x), y in zip(
+        jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b), strict=True
+    ):
+        np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+
+
+def test_tiny_run_writes_checkpoints_metrics_and_run_files(tmp_path):
+    workdir = tmp_path / "run"
+    proc = _train(workdir, "--config.total_steps=6", "--config.log_every=2")
+    records = _metrics(workdir)
+    assert [r["step"] for r in records] == [2, 4, 6]
+    for key in ("loss", "learning_rate", "grad_norm", "pairs_per_second", "accuracy"):
+        assert all(np.isfinite(r[key]) for r in records), key
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [6]
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["total_steps"] == 6
+    assert json.loads((workdir / "data_config.json").read_text())
+    assert (workdir / "model" / "model.json").exists()
+    assert list((workdir / "tensorboard").iterdir())
+    assert "step 6" in proc.stdout
+
+
+def test_killed_run_resumes_exactly(tmp_path):
+    """SIGKILL at a random step, restart: same batches (losses) and same final parameters."""
+    steps = ["--config.total_steps=12", "--config.log_every=1", "--config.checkpoint_every=3"]
+    _train(tmp_path / "straight", *steps)
+
+    interrupted = tmp_path / "interrupted"
+    kill_after = random.Random(os.getpid()).randint(4, 10)
+    proc = subprocess.Popen(
+        _command(interrupted, *steps),
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    metrics = interrupted / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= kill_after:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    _train(interrupted, *steps)
+
+    straight, resumed = _metrics(tmp_path / "straight"), _metrics(interrupted)
+    assert [r["step"] for r in resumed] == list(range(1, 13))
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
+    _assert_same_params(_params(interrupted), _params(tmp_path / "straight"))
+
+
+def test_sigterm_saves_a_checkpoint(tmp_path):
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen(
+        _command(
+            workdir,
+            "--config.total_steps=1000",
+            "--config.log_every=1",
+            "--config.checkpoint_every=1000",
+        ),
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (
+        metrics.exists() and metrics.read_text().count("\n") >= 3
+    ):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir())
+    assert len(saved) == 1 and 3 <= saved[0] < 1000, saved
+    assert "SIGTERM" in out
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path):
+    workdir = tmp_path / "run"
+    steps = ["--config.total_steps=8", "--config.checkpoint_every=4", "--config.log_every=1"]
+    _train(workdir, *steps)
+    reference = _params(workdir, step=8)
+    newest = workdir / "checkpoints" / "8" / "state"
+    for path in newest.rglob("*"):
+        if path.is_file() and path.stat().st_size > 0:
+            path.write_bytes(b"\0" * 16)  # garbage where the arrays were
+    proc = _train(workdir, *steps)
+    assert "unreadable" in proc.stderr and "checkpoints/8" in proc.stderr
+    # it went back to step 4 and trained again to 8, to the same parameters
+    assert [r["step"] for r in _metrics(workdir)] == list(range(1, 9))
+    _assert_same_params(_params(workdir, step=8), reference)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--config.totl_steps=5", "totl_steps"),
+        ("--config.model.pooling=avg", "config.model.pooling='avg'"),
+        ("--config.grad_cache_chunk=7", "grad_cache_chunk=7"),
+        ("--config.model.document_init=foo", "document_init"),
+    ],
+)
+def test_bad_config_fails_with_a_clear_message(tmp_path, override, message):
+    proc = _train(tmp_path / "run", override, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-2000:]
