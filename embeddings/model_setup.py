@@ -93,7 +93,10 @@ def build_model(config: ml_collections.ConfigDict, *, seed: int | None = None) -
     spec = SentenceSpec(
         pooling=m.pooling or base_spec.pooling,
         normalize=base_spec.normalize if m.normalize is None else m.normalize,
-        max_seq_length=max(config.data.max_length_anchor, config.data.max_length_document),
+        # The init's own inference length is kept (all-MiniLM-L6-v2 trained at 128 and ships
+        # 256); a random init gets the training length.
+        max_seq_length=base_spec.max_seq_length
+        or max(config.data.max_length_anchor, config.data.max_length_document),
         similarity=config.loss.similarity,
         do_lower_case=base_spec.do_lower_case,
     )
