@@ -5,8 +5,9 @@
     python scripts/evaluate.py --model PATH --task sts --data data/stsbenchmark.tsv.gz \
         --split test --json
 
-`--model` is a sentence-transformers or Hugging Face model folder (or Hub id), loaded with the
-project's JAX encoders. Prints a table of metrics; with --json the last line is one JSON object.
+`--model` is a sentence-transformers or Hugging Face model folder (or Hub id), a training
+workdir (its latest checkpoint) or a checkpoint step folder, loaded with the project's JAX
+encoders. Prints a table of metrics; with --json the last line is one JSON object.
 """
 
 import json
@@ -20,7 +21,9 @@ from etils import epath
 
 from embeddings.evaluation import EncodeFn, Evaluator, RetrievalEvaluator, STSEvaluator
 
-_MODEL = flags.DEFINE_string("model", None, "Model folder (sentence-transformers or HF) or Hub id.")
+_MODEL = flags.DEFINE_string(
+    "model", None, "Model folder (sentence-transformers or HF), Hub id, or training workdir."
+)
 _TASK = flags.DEFINE_enum("task", None, ["sts", "retrieval"], "Which evaluation to run.")
 _DATA = flags.DEFINE_string("data", None, "STS .tsv(.gz) file or retrieval .jsonl(.gz) file.")
 _SPLIT = flags.DEFINE_enum("split", "dev", ["train", "dev", "test"], "STS split.")
@@ -42,23 +45,31 @@ def load_encode_fn(path: str, batch_size: int) -> tuple[EncodeFn, str]:
     """An encode function for the model at `path`, and the model's similarity.
 
     Args:
-      path: a sentence-transformers or Hugging Face folder, or a Hub id.
+      path: a sentence-transformers or Hugging Face folder, a Hub id, a training workdir
+        (its latest checkpoint) or a checkpoint step folder (WORKDIR/checkpoints/<step>).
       batch_size: texts per forward pass.
 
     Returns:
-      (encode(texts, role) -> embeddings, "cosine" or "dot").
-
-    Raises:
-      NotImplementedError: for a training workdir or checkpoint (not supported yet).
+      (encode(texts, role) -> embeddings, "cosine" or "dot"). Untied (query/document) models
+      from a workdir encode each role with its own tower.
     """
+    # Imported here so that --help and argument errors do not pay for loading JAX and Flax.
     folder = epath.Path(path)
     if any((folder / marker).exists() for marker in _WORKDIR_MARKERS):
-        raise NotImplementedError(
-            f"{path} is a training workdir or checkpoint; evaluating checkpoints directly is not "
-            f"supported yet. Export it first (python scripts/export.py --workdir {path} --output "
-            "OUT) and pass --model OUT."
-        )
-    # Imported here so that --help and argument errors do not pay for loading JAX and Flax.
+        from embeddings.checkpointing import find_checkpoint, restore_params
+        from embeddings.model_setup import load_model_files
+
+        checkpoint = find_checkpoint(folder)
+        files = load_model_files(checkpoint.parent.parent)
+        params = restore_params(checkpoint)
+        model, tokenizer = files.model, files.tokenizer
+
+        def encode_checkpoint(texts, role):
+            tower = params[model.tower(role)]
+            return model.encoder.encode(tower, tokenizer, list(texts), batch_size=batch_size)
+
+        return encode_checkpoint, files.spec.similarity or "cosine"
+
     from embeddings.models import SentenceEncoder, load_pretrained
 
     pretrained = load_pretrained(path)
@@ -95,7 +106,7 @@ def main(argv):
         encode, model_similarity = load_encode_fn(_MODEL.value, _BATCH.value)
         similarity = _SIMILARITY.value or model_similarity
         metrics = build_evaluator(_TASK.value, _DATA.value, similarity)(encode)
-    except (NotImplementedError, FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError) as err:
         # These carry a message saying what is wrong and what to do; a traceback adds nothing.
         sys.exit(f"evaluate.py: error: {err}")
 

@@ -338,9 +338,35 @@ def test_evaluate_script_matches_st(minilm, tmp_path):
         assert ours[metric] == pytest.approx(reference[f"cosine_{metric}"], abs=1e-6), metric
 
 
-def test_evaluate_script_rejects_a_workdir(tmp_path):
+def test_evaluate_script_on_a_workdir_equals_its_export(tmp_path):
+    """A training workdir evaluates like the model exported from it (sentence-transformers)."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    workdir, out = tmp_path / "run", tmp_path / "out"
+    train = subprocess.run(
+        [sys.executable, str(root / "train.py"), "--config", str(root / "configs/tiny.py"),
+         "--workdir", str(workdir), "--config.total_steps=2", "--config.eval.sts_file=",
+         "--config.eval.retrieval_file="],
+        capture_output=True, text=True, cwd=root,
+    )  # fmt: skip
+    assert train.returncode == 0, train.stderr[-3000:]
+    export = subprocess.run(
+        [sys.executable, str(root / "scripts/export.py"), f"--workdir={workdir}",
+         f"--output={out}", "--skip_parity_check"],
+        capture_output=True, text=True, cwd=root,
+    )  # fmt: skip
+    assert export.returncode == 0, export.stderr[-3000:]
+    result = run_script("--model", str(workdir), "--task", "sts", "--data", str(STS_FILE), "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    ours = json.loads(result.stdout.strip().splitlines()[-1])
+    s1, s2, scores = load_sts(STS_FILE, "dev")
+    reference = EmbeddingSimilarityEvaluator(s1, s2, scores / 5.0)(
+        SentenceTransformer(str(out), device="cpu")
+    )
+    assert ours["spearman_cosine"] == pytest.approx(reference["spearman_cosine"], abs=1e-5)
+
+
+def test_evaluate_script_reports_a_workdir_without_checkpoints(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     result = run_script("--model", str(tmp_path), "--task", "sts", "--data", str(STS_FILE))
     assert result.returncode != 0
-    assert "not supported yet" in result.stderr and "scripts/export.py" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert "No checkpoint" in result.stderr and "Traceback" not in result.stderr
