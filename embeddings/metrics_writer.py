@@ -73,7 +73,8 @@ class MetricWriter:
         if self._tensorboard is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
-                    self._tensorboard.add_scalar(key, value, step)
+                    # TensorBoard tags allow no '@' (mrr@10 -> mrr_at_10).
+                    self._tensorboard.add_scalar(key.replace("@", "_at_"), value, step)
             self._tensorboard.flush()
         parts = [f"step {step}"]
         parts += [fmt.format(metrics[k]) for k, fmt in CONSOLE_KEYS if k in metrics]
