@@ -143,19 +143,15 @@ def _device_batch(local: dict, mesh) -> dict:
 
 
 def make_encode_fn(model, params, tokenizer, config: ml_collections.ConfigDict):
-    """(texts, role) -> embeddings with the current parameters, for the evaluators."""
-    max_length = {
-        "query": config.data.max_length_anchor,
-        "document": config.data.max_length_document,
-    }
+    """(texts, role) -> embeddings with the current parameters, for the evaluators.
+
+    Texts are truncated at the model's own inference length (what the exported
+    model will use), not the training lengths, so numbers match the export's.
+    """
 
     def encode(texts, role):
         return model.encoder.encode(
-            params[model.tower(role)],
-            tokenizer,
-            list(texts),
-            batch_size=config.eval.batch_size,
-            max_length=max_length[role],
+            params[model.tower(role)], tokenizer, list(texts), batch_size=config.eval.batch_size
         )
 
     return encode
