@@ -255,7 +255,7 @@ def _sharded_loss_and_grads(model, params, batch, mesh, *, chunk=0, dropout_rng=
         out_shardings=replicated(mesh),
     )
     params = jax.device_put(params, tree_shardings(params, mesh))
-    (loss, metrics), grads = fn(params, global_batch(batch, mesh), dropout_rng)
+    (loss, _), grads = fn(params, global_batch(batch, mesh), dropout_rng)
     return float(loss), jax.tree.map(np.asarray, grads)
 
 
