@@ -13,6 +13,7 @@ import sys
 
 from absl import logging
 from etils import epath
+from tqdm import tqdm
 
 CONSOLE_KEYS = (
     ("loss", "loss {:.4f}"),
@@ -81,7 +82,18 @@ class MetricWriter:
         parts += [f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("eval/")]
         if eta_seconds is not None:
             parts.append(f"ETA {_duration(eta_seconds)}")
-        print(" | ".join(parts), file=sys.stdout, flush=True)
+        tqdm.write(" | ".join(parts), file=sys.stdout)  # keeps a progress bar intact
+        sys.stdout.flush()
+
+    def progress_bar(self, total: int, initial: int):
+        """A tqdm bar over the steps on an interactive terminal (process 0), else a no-op one."""
+        return tqdm(
+            total=total,
+            initial=initial,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not (self.enabled and sys.stdout.isatty()),
+        )
 
     def close(self) -> None:
         if self._tensorboard is not None:

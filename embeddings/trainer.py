@@ -264,6 +264,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     step = start_step
     batches = iter(pipeline)
     throughput = Throughput(config.batch_size, flops.peak_flops())
+    progress = writer.progress_bar(config.total_steps, start_step)
     run_start = time.perf_counter()
     try:
         while step < config.total_steps:
@@ -271,6 +272,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             batch = _device_batch(local, mesh)
             state, metrics = train_step(state, batch)
             step += 1
+            progress.update(1)
             if step == start_step + 1:  # the first step compiles: leave it out of the rates
                 jax.block_until_ready(state)
                 throughput.restart()
@@ -304,6 +306,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         if config.total_steps == 0:  # import-only run: the export reproduces the init
             checkpointer.save(0, state, pipeline_state(pipeline))
     finally:
+        progress.close()
         checkpointer.wait()
         checkpointer.close()
         writer.close()
