@@ -10,6 +10,8 @@ so an interrupted save never replaces a good checkpoint. Saves are
 asynchronous: training goes on while the arrays are written.
 """
 
+import os
+
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -19,6 +21,12 @@ from etils import epath
 CHECKPOINTS = "checkpoints"
 BEST = "best"
 CORRUPT = "corrupt"  # unreadable checkpoints are moved here, never deleted
+
+
+def absolute(path) -> epath.Path:
+    """Orbax needs absolute paths: local paths are resolved, gs:// ones already are."""
+    path = epath.Path(path)
+    return path if "://" in str(path) else epath.Path(os.path.abspath(path))
 
 
 def _manager(directory: epath.Path, options: ocp.CheckpointManagerOptions) -> ocp.CheckpointManager:
@@ -43,7 +51,7 @@ class Checkpointer:
     """
 
     def __init__(self, workdir, *, keep: int = 3, best_metric: str = "", best_mode: str = "max"):
-        self.workdir = epath.Path(workdir)
+        self.workdir = absolute(workdir)
         self.best_metric = best_metric
         self.manager = _manager(
             self.workdir / CHECKPOINTS,
@@ -139,7 +147,7 @@ def restore_step(manager: ocp.CheckpointManager, step: int, abstract_state) -> t
 
 def restore_from_path(path, abstract_state) -> tuple[object, dict]:
     """Restores a checkpoint from a step folder (`.../checkpoints/<step>`)."""
-    path = epath.Path(path)
+    path = absolute(path)
     if not (path / "state").exists():
         raise FileNotFoundError(
             f"{path} is not a checkpoint step folder (no 'state' inside): pass a path like "
@@ -154,7 +162,7 @@ def find_checkpoint(workdir, *, step: int | None = None, best: bool = False) -> 
 
     `workdir` may also be a step folder itself, which is returned unchanged.
     """
-    workdir = epath.Path(workdir)
+    workdir = absolute(workdir)
     if (workdir / "state").exists():
         return workdir
     folder = workdir / (BEST if best else CHECKPOINTS)

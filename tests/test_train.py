@@ -67,9 +67,19 @@ def _assert_same_params(a, b):
 
 def test_tiny_run_writes_checkpoints_metrics_and_run_files(tmp_path):
     workdir = tmp_path / "run"
-    proc = _train(workdir, "--config.total_steps=6", "--config.log_every=2")
-    records = _metrics(workdir)
+    relative = os.path.relpath(workdir, ROOT)  # as a user types it (Orbax needs absolute paths)
+    proc = _train(
+        relative,
+        "--config.total_steps=6",
+        "--config.log_every=2",
+        "--config.eval.sts_file=data/stsbenchmark.tsv.gz",
+        "--config.eval.max_queries=20",
+        "--config.best_metric=eval/sts/spearman_cosine",
+    )
+    records = [r for r in _metrics(workdir) if "loss" in r]
+    evals = [r for r in _metrics(workdir) if "eval/sts/spearman_cosine" in r]
     assert [r["step"] for r in records] == [2, 4, 6]
+    assert [r["step"] for r in evals] == [6]
     for key in ("loss", "learning_rate", "grad_norm", "pairs_per_second", "accuracy"):
         assert all(np.isfinite(r[key]) for r in records), key
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [6]
@@ -79,6 +89,7 @@ def test_tiny_run_writes_checkpoints_metrics_and_run_files(tmp_path):
     assert (workdir / "model" / "model.json").exists()
     assert list((workdir / "tensorboard").iterdir())
     assert "step 6" in proc.stdout
+    assert [int(p.name) for p in (workdir / "best").iterdir()] == [6]
 
 
 def test_killed_run_resumes_exactly(tmp_path):
