@@ -50,13 +50,17 @@ class MetricWriter:
         if not enabled:
             return
         self.path = epath.Path(workdir) / "metrics.jsonl"
+        # Object stores (gs://) cannot append: there the whole file is rewritten
+        # from these lines at each write (a few thousand short lines at most).
+        self._remote = "://" in str(self.path)
+        self._lines = []
         if self.path.exists():
-            kept = [
+            self._lines = [
                 line
                 for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= resume_step
             ]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            self.path.write_text("".join(line + "\n" for line in self._lines))
         try:
             from tensorboardX import SummaryWriter
 
@@ -69,8 +73,13 @@ class MetricWriter:
         if not self.enabled:
             return
         record = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps(record)
+        self._lines.append(line)
+        if self._remote:
+            self.path.write_text("".join(x + "\n" for x in self._lines))
+        else:
+            with self.path.open("a") as f:
+                f.write(line + "\n")
         if self._tensorboard is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
