@@ -317,3 +317,29 @@ def test_config_errors_are_clear():
         EncoderConfig(model_type="distilbert")
     with pytest.raises(ValueError, match="hidden_act"):
         EncoderConfig(hidden_act="mish")
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5])
+def test_dropout_mask_is_bernoulli_like(rate):
+    """The counter-hash mask keeps 1 - rate of elements, independently of position and key."""
+    from embeddings.models.layers import dropout, dropout_keep_mask
+
+    shape = (64, 12, 32, 32)  # an attention-probability shape; 786k elements
+    masks = [np.asarray(dropout_keep_mask(jax.random.PRNGKey(k), shape, rate)) for k in range(4)]
+    n = masks[0].size
+    sigma = np.sqrt(rate * (1 - rate) / n)
+    for mask in masks:
+        assert abs(mask.mean() - (1 - rate)) < 5 * sigma
+        # no structure along any axis: each slice keeps about the same share
+        for axis in range(mask.ndim):
+            share = mask.mean(axis=tuple(a for a in range(mask.ndim) if a != axis))
+            per_slice = np.sqrt(rate * (1 - rate) / (n / mask.shape[axis]))
+            assert np.all(np.abs(share - (1 - rate)) < 6 * per_slice), axis
+    # neighbouring elements and different keys are uncorrelated
+    flat = masks[0].reshape(-1).astype(np.float64)
+    assert abs(np.corrcoef(flat[:-1], flat[1:])[0, 1]) < 5 / np.sqrt(n)
+    other = masks[1].reshape(-1).astype(np.float64)
+    assert abs(np.corrcoef(flat, other)[0, 1]) < 5 / np.sqrt(n)
+    # inverted-dropout scaling keeps the expectation
+    x = np.ones(shape, np.float32)
+    assert abs(float(dropout(x, rate, jax.random.PRNGKey(0)).mean()) - 1.0) < 5 * sigma / (1 - rate)
