@@ -1,0 +1,278 @@
+"""Timing, alternation, peak memory and machine facts shared by the bench scripts.
+
+Every benchmark that compares two things runs them alternated (a, b, a, b, ...)
+after a warm-up, so that a burst of load from another process on this shared
+machine hits both sides alike, and reports medians. Peak memory is a process's
+high-water mark, so each configuration whose memory is compared runs in its own
+subprocess (`run_json`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Marks the protocol lines of a worker's stdout (libraries may print there too).
+_PREFIX = "@bench "
+
+
+def alternate(
+    runs: Mapping[str, Callable[[], object]], *, steps: int, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Times each callable `steps` times, in turn, after `warmup` untimed rounds.
+
+    Args:
+      runs: name -> a callable that does one unit of work and returns only when
+        it is finished (block on device results inside it).
+      steps: timed calls per callable.
+      warmup: untimed rounds first (compilation, allocator and cache warm-up).
+
+    Returns:
+      name -> the `steps` wall-clock durations in seconds.
+    """
+    if steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}.")
+    for _ in range(warmup):
+        for run in runs.values():
+            run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(steps):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def serve(run: Callable[[], object], info: Callable[[], Mapping]) -> None:
+    """The worker side of `alternate_processes`: one unit of work per request.
+
+    Announces readiness, then answers each "run" line on stdin with the unit's
+    duration and "stop" with `info()` (plus this process's peak memory), and
+    returns. Anything else the process prints goes to stderr, so that stdout
+    carries the protocol alone.
+
+    Args:
+      run: does one unit of work and returns when it is finished.
+      info: facts to report at the end (device, thread counts, ...).
+    """
+    protocol, sys.stdout = sys.stdout, sys.stderr
+
+    def reply(message: Mapping) -> None:
+        protocol.write(_PREFIX + json.dumps(dict(message), default=float) + "\n")
+        protocol.flush()
+
+    reply({"ready": True})
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "run":
+            start = time.perf_counter()
+            run()
+            reply({"seconds": time.perf_counter() - start})
+        elif command == "stop":
+            reply({**info(), "peak_rss_mib": peak_rss_mib()})
+            return
+
+
+class _Worker:
+    """A child process running `serve`, driven over its stdin and stdout."""
+
+    def __init__(self, name: str, args: Sequence[str], env: Mapping[str, str] | None):
+        self.name = name
+        self.command = [sys.executable, *args]
+        self._stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed by kill)
+        self._process = subprocess.Popen(
+            self.command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+            env={**os.environ, **(env or {})},
+            cwd=REPO,
+        )
+        self._reply()  # built and ready
+
+    def _reply(self) -> dict:
+        for line in self._process.stdout:
+            if line.startswith(_PREFIX):
+                return json.loads(line[len(_PREFIX) :])
+        self._process.wait()
+        self._stderr.seek(0)
+        tail = self._stderr.read()[-3000:]
+        raise RuntimeError(
+            f"bench worker {self.name!r} ({' '.join(self.command)}) exited with "
+            f"{self._process.returncode} without answering:\n{tail}"
+        )
+
+    def _send(self, command: str) -> dict:
+        self._process.stdin.write(command + "\n")
+        self._process.stdin.flush()
+        return self._reply()
+
+    def run(self) -> float:
+        return self._send("run")["seconds"]
+
+    def stop(self) -> dict:
+        info = self._send("stop")
+        self._process.wait()
+        return info
+
+    def kill(self) -> None:
+        if self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+        self._stderr.close()
+
+
+def alternate_processes(
+    workers: Mapping[str, tuple[Sequence[str], Mapping[str, str] | None]],
+    *,
+    steps: int,
+    warmup: int = 1,
+) -> dict[str, dict]:
+    """Like `alternate`, each side in its own process, driven in turn.
+
+    Separate processes keep the sides from sharing thread pools, allocator
+    state and peak memory; driving them in turn (only one works at a time) keeps
+    load from other programs falling on both alike. Workers are started one
+    after the other, each built and idle before the next starts.
+
+    Args:
+      workers: name -> (python arguments of a script that calls `serve`, extra
+        environment variables or None).
+      steps: timed units per worker.
+      warmup: untimed units first, per worker.
+
+    Returns:
+      name -> the worker's `info` plus "times" (the `steps` durations, seconds)
+      and "peak_rss_mib".
+    """
+    if steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}.")
+    started: dict[str, _Worker] = {}
+    try:
+        for name, (args, env) in workers.items():
+            started[name] = _Worker(name, args, env)
+        runs = {name: worker.run for name, worker in started.items()}
+        for _ in range(warmup):
+            for run in runs.values():
+                run()
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        for _ in range(steps):
+            for name, run in runs.items():
+                times[name].append(run())
+        return {name: {**worker.stop(), "times": times[name]} for name, worker in started.items()}
+    finally:
+        for worker in started.values():
+            worker.kill()
+
+
+def worker_args(script: str, args, **overrides) -> list[str]:
+    """The arguments that start `script` as a worker with the settings in `args`.
+
+    Args:
+      script: path of the bench script.
+      args: its parsed arguments (argparse.Namespace); the driver-only --json,
+        --steps and --warmup are left out, None and False values too.
+      overrides: settings to change or add, e.g. serve="ours".
+    """
+    settings = {k: v for k, v in vars(args).items() if k not in ("json", "steps", "warmup")}
+    settings.update(overrides)
+    out = [script]
+    for key, value in settings.items():
+        if value is None or value is False:
+            continue
+        out += [f"--{key}"] if value is True else [f"--{key}", str(value)]
+    return out
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cpu_model() -> str:
+    """The processor's model name as `lscpu` prints it (platform's guess without lscpu)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor() or "unknown CPU"
+    for line in out.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def machine() -> dict:
+    """Facts about the host a benchmark ran on: CPU model, usable cores, 1-minute load."""
+    return {
+        "cpu": cpu_model(),
+        "cores": len(os.sched_getaffinity(0)),
+        "load_1min": os.getloadavg()[0],
+    }
+
+
+def jax_facts() -> dict:
+    """The JAX device and version, and XLA's CPU thread pool size (one per usable core)."""
+    import jax
+
+    device = jax.devices()[0]
+    return {
+        "device": f"{device.platform}: {device.device_kind}",
+        "devices": jax.device_count(),
+        "jax_version": jax.__version__,
+        "jax_threads": len(os.sched_getaffinity(0)),
+    }
+
+
+def run_json(args: Sequence[str], *, env: Mapping[str, str] | None = None) -> dict:
+    """Runs `python args...` in a fresh process and returns the JSON object on its last line.
+
+    Args:
+      args: script path and arguments (the script must print one JSON object last).
+      env: variables added to this process's environment (e.g. XLA_FLAGS).
+
+    Raises:
+      RuntimeError: the process failed or printed no JSON; the message holds its
+        command and the tail of its output.
+    """
+    command = [sys.executable, *args]
+    result = subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=REPO
+    )
+    lines = result.stdout.strip().splitlines()
+    if result.returncode != 0 or not lines:
+        tail = (result.stdout + result.stderr)[-3000:]
+        raise RuntimeError(f"{' '.join(command)} failed (exit {result.returncode}):\n{tail}")
+    try:
+        return json.loads(lines[-1])
+    except json.JSONDecodeError as error:
+        raise RuntimeError(
+            f"{' '.join(command)}: the last line is not a JSON object ({error}): {lines[-1][:300]}"
+        ) from error
+
+
+def print_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """Prints a Markdown table; numbers right-aligned."""
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---:" if i else "---" for i in range(len(header))) + "|")
+    for row in rows:
+        print("| " + " | ".join(str(cell) for cell in row) + " |")
+
+
+def print_json(result: Mapping) -> None:
+    """The benchmark's one JSON object, on the last line of the output."""
+    print(json.dumps(dict(result), default=float), flush=True)

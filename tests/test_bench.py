@@ -1,0 +1,119 @@
+"""Smoke tests of the bench/ scripts: each runs end to end on a tiny model and tiny sizes.
+
+Every script runs as a user would (a subprocess with --json) and its last line
+must be one JSON object with the keys bench/README.md documents; the derived
+ratios are recomputed here from the raw numbers the script also reports. The
+timings themselves are meaningless at these sizes and are not judged.
+"""
+
+import json
+import math
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow  # ~11 worker processes, each importing JAX and compiling a step
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = ["--model", "tiny", "--json"]
+
+SCRIPTS = {
+    "step": "--batch_size 8 --max_length 16 --steps 2 --warmup 1",
+    "padding": "--batch_size 8 --num_batches 2 --max_length 32 --buckets 16,32 --steps 1",
+    "pipeline_vs_step": "--batch_size 8 --num_batches 2 --pipeline_batches 4 --max_length 32 "
+    "--buckets 16,32 --steps 1 --warmup 0",
+    "grad_cache": "--batch_size 32 --chunk 8 --plain_batch_size 8 --time_batch_size 16 "
+    "--max_length 16 --steps 1 --warmup 0",
+    "sharding": "--batch_size 8 --max_length 16 --steps 1 --warmup 0",
+}
+
+
+@pytest.fixture(scope="module")
+def launched():
+    """Starts every script at once: their compilations are single-threaded, so two
+    cores finish them in about half the time of one after the other."""
+    env = dict(os.environ)
+    # The scripts choose their device counts; optimization level 0 compiles the
+    # tiny steps faster (the timings are not judged here).
+    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
+    processes = {
+        script: subprocess.Popen(
+            [sys.executable, str(REPO / "bench" / f"{script}.py"), *TINY, *args.split()],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=REPO,
+        )
+        for script, args in SCRIPTS.items()
+    }
+    yield processes
+    for process in processes.values():
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
+def _result(launched, script: str) -> dict:
+    out, err = launched[script].communicate(timeout=600)
+    assert launched[script].returncode == 0, out[-2000:] + err[-3000:]
+    lines = out.strip().splitlines()
+    assert lines[0].strip(), "the table's title line comes first"
+    assert any(line.startswith("|---") for line in lines), "a Markdown table is printed"
+    return json.loads(lines[-1])
+
+
+def _positive(*values):
+    for value in values:
+        assert isinstance(value, int | float) and value > 0 and math.isfinite(value), value
+
+
+def test_step(launched):
+    r = _result(launched, "step")
+    assert {"dtype", "batch_size", "max_length", "device"} <= r.keys()
+    assert (r["dtype"], r["batch_size"], r["max_length"]) == ("float32", 8, 16)
+    assert r["device"].startswith("cpu")
+    _positive(r["pairs_per_second"], r["reference_pairs_per_second"], r["speedup"])
+    assert len(r["step_times"]) == len(r["reference_step_times"]) == 2
+    ours, theirs = statistics.median(r["step_times"]), statistics.median(r["reference_step_times"])
+    assert r["pairs_per_second"] == pytest.approx(8 / ours)
+    assert r["speedup"] == pytest.approx(theirs / ours)
+    assert r["torch_threads"] == r["jax_threads"] == len(os.sched_getaffinity(0))
+
+
+def test_padding(launched):
+    r = _result(launched, "padding")
+    buckets, padded = r["results"]["buckets"], r["results"]["max_length"]
+    assert buckets["real_tokens"] == padded["real_tokens"] > 0  # the same examples
+    assert buckets["padded_tokens"] <= padded["padded_tokens"] == 2 * 2 * 8 * 32
+    assert padded["padded_lengths"] == {"anchor": {"32": 2}, "document": {"32": 2}}
+    _positive(r["buckets_real_tokens_per_second"], r["max_length_real_tokens_per_second"])
+    assert r["speedup"] == pytest.approx(padded["pass_seconds"] / buckets["pass_seconds"], rel=1e-9)
+
+
+def test_pipeline_vs_step(launched):
+    r = _result(launched, "pipeline_vs_step")
+    _positive(r["pipeline_pairs_per_second"], r["step_pairs_per_second"])
+    assert r["ratio"] == pytest.approx(r["pipeline_pairs_per_second"] / r["step_pairs_per_second"])
+    assert r["step_pairs_per_second"] == pytest.approx(2 * 8 / r["step_pass_times"][0])
+
+
+def test_grad_cache(launched):
+    r = _result(launched, "grad_cache")
+    _positive(r["peak_rss_mib"], r["plain_peak_rss_mib"], r["seconds_per_pair"])
+    assert r["memory_ratio"] == pytest.approx(r["peak_rss_mib"] / r["plain_peak_rss_mib"])
+    assert r["time_ratio"] == pytest.approx(r["seconds_per_pair"] / r["plain_seconds_per_pair"])
+    assert r["time_runs"]["plain"]["seconds_per_pair"] == pytest.approx(
+        r["time_runs"]["plain"]["times"][0] / 16
+    )
+
+
+def test_sharding(launched):
+    r = _result(launched, "sharding")
+    assert r["devices"] == 8
+    _positive(r["step_seconds"], r["single_device_step_seconds"])
+    assert r["ratio"] == pytest.approx(r["step_seconds"] / r["single_device_step_seconds"])
