@@ -1,10 +1,11 @@
 """Timing, alternation, peak memory and machine facts shared by the bench scripts.
 
-Every benchmark that compares two things runs them alternated (a, b, a, b, ...)
-after a warm-up, so that a burst of load from another process on this shared
-machine hits both sides alike, and reports medians. Peak memory is a process's
-high-water mark, so each configuration whose memory is compared runs in its own
-subprocess (`run_json`).
+Every benchmark that compares two things runs each in its own worker process
+(`serve`) and drives them alternated (a, b, a, b, ...) after a warm-up
+(`alternate_processes`), so that a burst of load from another program on this
+shared machine hits both sides alike; it reports medians. Separate processes
+also keep the sides from sharing thread pools or allocator state, and give
+each its own peak resident memory.
 """
 
 from __future__ import annotations
@@ -25,41 +26,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _PREFIX = "@bench "
 
 
-def alternate(
-    runs: Mapping[str, Callable[[], object]], *, steps: int, warmup: int = 1
-) -> dict[str, list[float]]:
-    """Times each callable `steps` times, in turn, after `warmup` untimed rounds.
-
-    Args:
-      runs: name -> a callable that does one unit of work and returns only when
-        it is finished (block on device results inside it).
-      steps: timed calls per callable.
-      warmup: untimed rounds first (compilation, allocator and cache warm-up).
-
-    Returns:
-      name -> the `steps` wall-clock durations in seconds.
-    """
-    if steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {steps}.")
-    for _ in range(warmup):
-        for run in runs.values():
-            run()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(steps):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
 def serve(run: Callable[[], object], info: Callable[[], Mapping]) -> None:
     """The worker side of `alternate_processes`: one unit of work per request.
 
     Announces readiness, then answers each "run" line on stdin with the unit's
-    duration and "stop" with `info()` (plus this process's peak memory), and
-    returns. Anything else the process prints goes to stderr, so that stdout
-    carries the protocol alone.
+    duration and "stop" with `info()` plus this process's peak memory and each
+    unit's user and system CPU seconds and page faults, and returns. Anything
+    else the process prints goes to stderr, so that stdout carries the protocol
+    alone.
 
     Args:
       run: does one unit of work and returns when it is finished.
@@ -71,15 +45,24 @@ def serve(run: Callable[[], object], info: Callable[[], Mapping]) -> None:
         protocol.write(_PREFIX + json.dumps(dict(message), default=float) + "\n")
         protocol.flush()
 
+    units = []  # CPU time and page faults of each unit, for the final report
     reply({"ready": True})
     for line in sys.stdin:
         command = line.strip()
         if command == "run":
-            start = time.perf_counter()
+            before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
             run()
-            reply({"seconds": time.perf_counter() - start})
+            seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+            units.append(
+                {
+                    "user_seconds": after.ru_utime - before.ru_utime,
+                    "system_seconds": after.ru_stime - before.ru_stime,
+                    "page_faults": after.ru_minflt - before.ru_minflt,
+                }
+            )
+            reply({"seconds": seconds})
         elif command == "stop":
-            reply({**info(), "peak_rss_mib": peak_rss_mib()})
+            reply({**info(), "peak_rss_mib": peak_rss_mib(), "units": units})
             return
 
 
@@ -139,7 +122,7 @@ def alternate_processes(
     steps: int,
     warmup: int = 1,
 ) -> dict[str, dict]:
-    """Like `alternate`, each side in its own process, driven in turn.
+    """Times units of work of worker processes, each side in its own, driven in turn.
 
     Separate processes keep the sides from sharing thread pools, allocator
     state and peak memory; driving them in turn (only one works at a time) keeps
@@ -236,33 +219,6 @@ def jax_facts() -> dict:
         "jax_version": jax.__version__,
         "jax_threads": len(os.sched_getaffinity(0)),
     }
-
-
-def run_json(args: Sequence[str], *, env: Mapping[str, str] | None = None) -> dict:
-    """Runs `python args...` in a fresh process and returns the JSON object on its last line.
-
-    Args:
-      args: script path and arguments (the script must print one JSON object last).
-      env: variables added to this process's environment (e.g. XLA_FLAGS).
-
-    Raises:
-      RuntimeError: the process failed or printed no JSON; the message holds its
-        command and the tail of its output.
-    """
-    command = [sys.executable, *args]
-    result = subprocess.run(
-        command, capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=REPO
-    )
-    lines = result.stdout.strip().splitlines()
-    if result.returncode != 0 or not lines:
-        tail = (result.stdout + result.stderr)[-3000:]
-        raise RuntimeError(f"{' '.join(command)} failed (exit {result.returncode}):\n{tail}")
-    try:
-        return json.loads(lines[-1])
-    except json.JSONDecodeError as error:
-        raise RuntimeError(
-            f"{' '.join(command)}: the last line is not a JSON object ({error}): {lines[-1][:300]}"
-        ) from error
 
 
 def print_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:

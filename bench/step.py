@@ -131,13 +131,14 @@ def sample_pairs(count: int) -> list[tuple[str, str]]:
     return [(row[0], row[1]) for row in rows[:count]]
 
 
-def tokenize_pairs(tokenizer, pairs, max_length: int, pad_to_max: bool = True) -> dict:
-    """The batch dict of the training step: int32 ids and masks per column, padded."""
+def tokenize_pairs(tokenizer, pairs, max_length: int) -> dict:
+    """The batch dict of the training step: int32 ids and masks per column, padded to
+    `max_length` (texts truncated to it)."""
     batch = {"input_ids": [], "attention_mask": []}
     for column in zip(*pairs, strict=True):
         encoded = tokenizer(
             list(column),
-            padding="max_length" if pad_to_max else "longest",
+            padding="max_length",
             truncation=True,
             max_length=max_length,
             return_tensors="np",
@@ -164,15 +165,14 @@ class OurStep:
       dtype: compute dtype name, "float32" or "bfloat16".
       grad_cache_chunk: rows per GradCache chunk; 0 for the plain step.
       devices: devices of the (data-parallel) mesh; default all.
-      remat: rematerialise each layer in the backward pass.
     """
 
-    def __init__(self, folder, *, dtype="float32", grad_cache_chunk=0, devices=None, remat=False):
+    def __init__(self, folder, *, dtype="float32", grad_cache_chunk=0, devices=None):
         pre = load_pretrained(str(folder))
         self.config = pre.config
         self.tokenizer = load_tokenizer(pre.model_dir)
         config = training_config(grad_cache_chunk)
-        model = DualEncoder(SentenceEncoder(pre.config, pre.spec, dtype=DTYPES[dtype], remat=remat))
+        model = DualEncoder(SentenceEncoder(pre.config, pre.spec, dtype=DTYPES[dtype]))
         self.mesh = make_mesh(devices=devices)
         optimizer, schedule = make_optimizer(config, SCHEDULE_STEPS)
         state = init_state({"encoder": pre.params}, optimizer, config.seed)
@@ -318,6 +318,8 @@ def measure(args) -> dict:
         "reference_step_seconds": reference_s,
         "step_times": ours["times"],
         "reference_step_times": reference["times"],
+        "units": ours["units"],
+        "reference_units": reference["units"],
         "peak_rss_mib": ours["peak_rss_mib"],
         "reference_peak_rss_mib": reference["peak_rss_mib"],
         "padding_share": ours["padding_share"],
