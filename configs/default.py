@@ -64,6 +64,12 @@ def get_config() -> ml_collections.ConfigDict:
             normalize=config_dict.placeholder(bool),
             dtype="float32",  # compute dtype: "float32" or "bfloat16" (parameters stay float32)
             remat=False,  # recompute each layer's activations in the backward pass
+            # Run embeddings, projections, feed-forward and LayerNorms on real tokens
+            # only (attention stays padded; same result, ~1/(1 - padding share)
+            # less work there). N > 0 rounds each column's packed size up to one of
+            # N steps of its padded size, so at most N shapes compile per padded
+            # shape; 0 = compute on padding too. Ignored with grad_cache_chunk.
+            pack_levels=8,
             dropout=True,  # dropout during training (rates from the encoder config)
             # Tokenizer folder or Hub id; "" = the init's tokenizer.
             tokenizer="",

@@ -57,6 +57,7 @@ def validate(config: ml_collections.ConfigDict, *, process_count: int = 1) -> No
 
     m = config.model
     _choice("model.dtype", m.dtype, ("float32", "bfloat16"))
+    _positive("model.pack_levels", m.pack_levels, allow_zero=True)
     if m.pooling is not None:
         _choice("model.pooling", m.pooling, POOLING_MODES)
     if not m.init:

@@ -47,8 +47,15 @@ class DualEncoder:
         keys = jax.random.split(rng, len(self.towers))
         return {name: self.encoder.init(key) for name, key in zip(self.towers, keys, strict=True)}
 
-    def embed(self, params, column: int, input_ids, attention_mask, *, dropout_rng=None):
-        """Embeddings [B, D] (float32) of one batch column."""
+    def embed(
+        self, params, column: int, input_ids, attention_mask, *, token_index=None, dropout_rng=None
+    ):
+        """Embeddings [B, D] (float32) of one batch column (`token_index`: see
+        `SentenceEncoder.embed`)."""
         return self.encoder.embed(
-            params[self.column_tower(column)], input_ids, attention_mask, dropout_rng=dropout_rng
+            params[self.column_tower(column)],
+            input_ids,
+            attention_mask,
+            token_index=token_index,
+            dropout_rng=dropout_rng,
         )

@@ -2,11 +2,16 @@
 
 Counts matrix multiplications only (the usual MFU convention): per token and
 layer, 2*(4*H*H + 2*H*I) for the projections and feed-forward, plus
-2*2*L*H for attention scores and the weighted sum over L tokens. A backward
-pass costs twice the forward; GradCache adds one more forward.
+2*2*n*H for attention scores and the weighted sum over a text's n tokens. A
+backward pass costs twice the forward; GradCache adds one more forward.
+
+Only real tokens count, each text at its own length: padding is not model
+work, so the MFU of a padded step and of a packed one (see
+`embeddings/models/packing.py`) measure the same useful work.
 """
 
 import jax
+import numpy as np
 
 from embeddings.models import EncoderConfig
 
@@ -29,20 +34,20 @@ PEAK_FLOPS_PER_DEVICE = {
 }
 
 
-def forward_flops_per_sequence(config: EncoderConfig, length: int) -> float:
-    """Matmul FLOPs of one forward pass over one sequence of `length` tokens."""
+def forward_flops(config: EncoderConfig, lengths) -> float:
+    """Matmul FLOPs of one forward pass over texts of these real lengths (tokens)."""
+    n = np.asarray(lengths, np.float64)
     h, i = config.hidden_size, config.intermediate_size
-    per_token_layer = 2 * (4 * h * h + 2 * h * i) + 2 * 2 * length * h
-    return float(config.num_layers * length * per_token_layer)
+    per_layer = 2 * (4 * h * h + 2 * h * i) * n.sum() + 2 * 2 * h * np.square(n).sum()
+    return float(config.num_layers * per_layer)
 
 
-def train_step_flops(
-    config: EncoderConfig, lengths: list[int], rows: int, grad_cache: bool
-) -> float:
-    """FLOPs of one training step over `rows` examples with padded column `lengths`."""
-    forward = rows * sum(forward_flops_per_sequence(config, n) for n in lengths)
+def train_step_flops(config: EncoderConfig, masks, grad_cache: bool) -> float:
+    """FLOPs of one training step over a batch with these [rows, L] attention masks
+    (one per column)."""
+    lengths = np.concatenate([(np.asarray(m) != 0).sum(axis=1) for m in masks])
     passes = 4 if grad_cache else 3  # forward + backward (2x) [+ GradCache's recompute]
-    return passes * forward
+    return passes * forward_flops(config, lengths)
 
 
 def peak_flops(devices=None) -> float | None:

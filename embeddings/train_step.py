@@ -114,13 +114,19 @@ def _column_rng(rng, column: int, chunk=None):
 
 
 def plain_loss_and_grads(params, batch, dropout_rng, *, model: DualEncoder, loss_config):
-    """((loss, metrics), grads) by one forward and backward over the whole batch."""
+    """((loss, metrics), grads) by one forward and backward over the whole batch.
+
+    With `batch["token_index"]` (one [G, T] index per column, see
+    `embeddings/models/packing.py`) the dense layers skip the padding.
+    """
+
+    token_index = batch.get("token_index") or (None,) * len(batch["input_ids"])
 
     def loss_of_params(p):
         embs = [
-            model.embed(p, c, ids, mask, dropout_rng=_column_rng(dropout_rng, c))
-            for c, (ids, mask) in enumerate(
-                zip(batch["input_ids"], batch["attention_mask"], strict=True)
+            model.embed(p, c, ids, mask, token_index=index, dropout_rng=_column_rng(dropout_rng, c))
+            for c, (ids, mask, index) in enumerate(
+                zip(batch["input_ids"], batch["attention_mask"], token_index, strict=True)
             )
         ]
         loss, metrics = objective(embs, batch, loss_config)

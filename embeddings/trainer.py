@@ -25,6 +25,7 @@ from embeddings.data import build_pipeline
 from embeddings.evaluation import build_evaluators
 from embeddings.metrics_writer import MetricWriter
 from embeddings.model_setup import build_model, save_model_files
+from embeddings.models import packing
 from embeddings.optim import make_optimizer
 from embeddings.sharding import global_batch, make_mesh, replicated, tree_shardings
 from embeddings.train_step import TrainState, init_state, make_train_step
@@ -96,23 +97,41 @@ def state_shardings(abstract_state: TrainState, mesh):
     )
 
 
-def _agree_lengths(batch: dict) -> dict:
-    """Pads every column to the longest length any process chose for it.
+def _agree_shapes(batch: dict, groups: int, pack_levels: int) -> dict:
+    """Gives every process's share of a batch the same shapes; adds token indices.
 
     Processes pick their padded lengths from their own rows; global arrays need
-    one shape, so all take the maximum (a tiny all-gather of C integers).
+    one shape, so every column is padded to the longest length any process
+    chose. With `pack_levels`, each column also gets its token index
+    (`packing.token_index`, one row group per device) at a capacity that holds
+    the fullest group of any process. One all-gather of 2 x columns integers.
+
+    Args:
+      batch: this process's rows (numpy).
+      groups: devices the global batch is split over (this process holds
+        groups / process_count of them).
+      pack_levels: `config.model.pack_levels`; 0 adds no token index.
     """
-    lengths = np.array([x.shape[1] for x in batch["input_ids"]], np.int32)
+    masks = batch["attention_mask"]
+    local_groups = groups // jax.process_count()
+    most_real = [
+        int(packing.group_real_counts(m, local_groups).max()) if pack_levels else 0 for m in masks
+    ]
+    shape = np.array([m.shape[1] for m in masks] + most_real, np.int32)
     if jax.process_count() > 1:
-        lengths = np.max(multihost_utils.process_allgather(lengths), axis=0)
+        shape = np.max(multihost_utils.process_allgather(shape), axis=0)
+    lengths, most_real = shape[: len(masks)], shape[len(masks) :]
     pad = lambda x, n: np.pad(x, ((0, 0), (0, n - x.shape[1])))
-    return dict(
+    batch = dict(
         batch,
         input_ids=tuple(pad(x, n) for x, n in zip(batch["input_ids"], lengths, strict=True)),
-        attention_mask=tuple(
-            pad(x, n) for x, n in zip(batch["attention_mask"], lengths, strict=True)
-        ),
+        attention_mask=tuple(pad(x, n) for x, n in zip(masks, lengths, strict=True)),
     )
+    if pack_levels:
+        batch["token_index"] = packing.batch_token_index(
+            batch["attention_mask"], local_groups, pack_levels, most_real
+        )
+    return batch
 
 
 def pipeline_state(pipeline) -> dict:
@@ -137,9 +156,9 @@ def pipeline_state(pipeline) -> dict:
     }
 
 
-def _device_batch(local: dict, mesh) -> dict:
-    local = _agree_lengths({k: v for k, v in local.items() if k not in HOST_ONLY_KEYS})
-    return global_batch(local, mesh)
+def _device_batch(local: dict, mesh, pack_levels: int) -> dict:
+    local = {k: v for k, v in local.items() if k not in HOST_ONLY_KEYS}
+    return global_batch(_agree_shapes(local, mesh.size, pack_levels), mesh)
 
 
 def make_encode_fn(model, params, tokenizer, config: ml_collections.ConfigDict):
@@ -261,6 +280,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         run_eval(0)
 
     # ---- Loop ----
+    # GradCache chunks rows across devices, so its batches stay padded.
+    pack_levels = 0 if config.grad_cache_chunk else config.model.pack_levels
     step = start_step
     batches = iter(pipeline)
     throughput = Throughput(config.batch_size, flops.peak_flops())
@@ -269,7 +290,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     try:
         while step < config.total_steps:
             local = next(batches)
-            batch = _device_batch(local, mesh)
+            batch = _device_batch(local, mesh, pack_levels)
             state, metrics = train_step(state, batch)
             step += 1
             progress.update(1)
@@ -279,10 +300,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             else:
                 throughput.add(
                     tokens=process_count * int(sum(m.sum() for m in local["attention_mask"])),
-                    flops=flops.train_step_flops(
+                    flops=process_count
+                    * flops.train_step_flops(
                         model.encoder.config,
-                        [x.shape[1] for x in batch["input_ids"]],
-                        config.batch_size,
+                        local["attention_mask"],
                         bool(config.grad_cache_chunk),
                     ),
                 )

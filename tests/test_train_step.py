@@ -25,6 +25,7 @@ from embeddings.models import (
     load_pretrained,
     load_tokenizer,
 )
+from embeddings.models.packing import batch_token_index
 from embeddings.optim import make_optimizer
 from embeddings.sharding import global_batch, make_mesh, replicated, tree_shardings
 from embeddings.train_step import init_state, loss_and_grads, train_step
@@ -85,11 +86,13 @@ def _tokenize(tokenizer, columns, max_length=64):
     return {k: tuple(v) for k, v in out.items()}
 
 
-def _jax_side(model_dir, columns, loss_config, margin=None):
+def _jax_side(model_dir, columns, loss_config, margin=None, pack_levels=0):
     pre = load_pretrained(str(model_dir))
     spec = SentenceSpec(pooling="mean", normalize=False)
     model = DualEncoder(SentenceEncoder(pre.config, spec))
     batch = _tokenize(load_tokenizer(model_dir), columns)
+    if pack_levels:  # dense layers on real tokens only (two row groups)
+        batch["token_index"] = batch_token_index(batch["attention_mask"], 2, pack_levels)
     if margin is not None:
         batch["margin"] = np.asarray(margin, np.float32)
     (loss, _), grads = loss_and_grads(
@@ -131,10 +134,18 @@ def _assert_grads_close(ours, theirs):
 
 
 @pytest.mark.parametrize(
-    "case",
-    ["mnrl_pairs", "mnrl_triplets", "symmetric_pairs", "mnrl_dot", "margin_mse"],
+    "case,pack_levels",
+    [
+        ("mnrl_pairs", 0),
+        ("mnrl_triplets", 0),
+        ("symmetric_pairs", 0),
+        ("mnrl_dot", 0),
+        ("margin_mse", 0),
+        ("symmetric_pairs", 8),
+        ("mnrl_triplets", 3),
+    ],
 )
-def test_loss_and_gradients_match_sentence_transformers(tiny_bert, case):
+def test_loss_and_gradients_match_sentence_transformers(tiny_bert, case, pack_levels):
     pairs, triplets = [ANCHORS, POSITIVES], [ANCHORS, POSITIVES, NEGATIVES]
     margin = None
     if case == "mnrl_pairs":
@@ -155,7 +166,7 @@ def test_loss_and_gradients_match_sentence_transformers(tiny_bert, case):
         columns, cfg = triplets, _loss_config(kind="margin_mse", similarity="dot", scale=1.0)
         margin = np.linspace(-2.0, 3.0, len(ANCHORS)).astype(np.float32)
         make = lambda st: losses.MarginMSELoss(st)
-    loss, grads = _jax_side(tiny_bert, columns, cfg, margin)
+    loss, grads = _jax_side(tiny_bert, columns, cfg, margin, pack_levels)
     ref_loss, ref_grads = _torch_side(tiny_bert, columns, make, margin)
     assert loss == pytest.approx(ref_loss, rel=1e-5, abs=1e-6)
     _assert_grads_close(grads, ref_grads)
@@ -277,6 +288,23 @@ def test_sharded_equals_single_device(mesh_shape, monkeypatch):
     model, params, batch = _random_setup()
     one = _sharded_loss_and_grads(model, params, batch, make_mesh(1, 1, jax.devices()[:1]))
     many = _sharded_loss_and_grads(model, params, batch, make_mesh(*mesh_shape))
+    assert many[0] == pytest.approx(one[0], rel=1e-6)
+    _assert_trees_close(many[1], one[1], rtol=1e-5)
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 1), (8, 1), (2, 4)])
+def test_packed_equals_padded_single_device(mesh_shape, monkeypatch):
+    """Dense layers on real tokens only, each device packing its own rows."""
+    monkeypatch.setattr("embeddings.sharding.MIN_FSDP_SIZE", 1)
+    model, params, batch = _random_setup()
+    one = _sharded_loss_and_grads(model, params, batch, make_mesh(1, 1, jax.devices()[:1]))
+    mesh = make_mesh(*mesh_shape, jax.devices()[: mesh_shape[0] * mesh_shape[1]])
+    index = batch_token_index(batch["attention_mask"], mesh.size, 32)
+    masks = batch["attention_mask"]
+    skipped = [1 - i.shape[1] / (m.size // mesh.size) for i, m in zip(index, masks, strict=True)]
+    assert min(skipped) > 0.1, "the test batch must have padding to skip"
+    packed = dict(batch, token_index=index)
+    many = _sharded_loss_and_grads(model, params, packed, mesh)
     assert many[0] == pytest.approx(one[0], rel=1e-6)
     _assert_trees_close(many[1], one[1], rtol=1e-5)
 

@@ -14,7 +14,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from embeddings.models.config import EncoderConfig
-from embeddings.models.layers import Embeddings, RelativePositionBias, TransformerLayer
+from embeddings.models.layers import (
+    Embeddings,
+    RelativePositionBias,
+    TransformerLayer,
+    position_ids,
+)
+from embeddings.models.packing import Packer
 
 
 class Encoder(nnx.Module):
@@ -55,6 +61,7 @@ class Encoder(nnx.Module):
         attention_mask: jax.Array,
         token_type_ids: jax.Array | None = None,
         *,
+        token_index: jax.Array | None = None,
         deterministic: bool = True,
         rngs: nnx.Rngs | None = None,
     ) -> jax.Array:
@@ -65,25 +72,39 @@ class Encoder(nnx.Module):
             attention_mask: [B, L], 1 for real tokens and 0 for padding (either side).
             token_type_ids: [B, L] segment ids, or None for all zeros; ignored by
                 families without token types.
+            token_index: None, or the [G, T] token index of `attention_mask`
+                (`packing.token_index`): the embeddings, projections,
+                feed-forward and LayerNorms then run on the real tokens only.
             deterministic: False turns dropout on (training).
             rngs: With deterministic=False, random streams holding 'dropout'.
 
         Returns:
             [B, L, H] last hidden states in the compute dtype. Rows at padding
-            positions are computed but meaningless.
+            positions are meaningless (zeros with a token index).
         """
         if not deterministic and rngs is None:
             raise ValueError("Encoder(deterministic=False) needs rngs=nnx.Rngs(dropout=key).")
-        x = self.embeddings(input_ids, token_type_ids, deterministic=deterministic, rngs=rngs)
+        positions = position_ids(input_ids, self.config.position_padding_idx)
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        packer = None
+        if token_index is not None:
+            packer = Packer.create(token_index, attention_mask)
+            input_ids, token_type_ids, positions = (
+                packer.pack_ids(x) for x in (input_ids, token_type_ids, positions)
+            )
+        x = self.embeddings(
+            input_ids, token_type_ids, positions, deterministic=deterministic, rngs=rngs
+        )
         bias = None
         if self.relative_attention_bias is not None:
-            bias = self.relative_attention_bias(input_ids.shape[1])
+            bias = self.relative_attention_bias(attention_mask.shape[1])
 
-        def run_layer(layer, x, mask, bias, rngs):
-            return layer(x, mask, bias, deterministic=deterministic, rngs=rngs)
+        def run_layer(layer, x, mask, bias, packer, rngs):
+            return layer(x, mask, bias, packer=packer, deterministic=deterministic, rngs=rngs)
 
         if self.remat:
             run_layer = nnx.remat(run_layer)
         for layer in self.layers:
-            x = run_layer(layer, x, attention_mask, bias, rngs)
-        return x
+            x = run_layer(layer, x, attention_mask, bias, packer, rngs)
+        return x if packer is None else packer.unpack(x)

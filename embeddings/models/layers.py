@@ -213,10 +213,18 @@ class Embeddings(nnx.Module):
         self.norm = _layer_norm(config, jnp.float32, rngs)
         self.dropout = Dropout(config.hidden_dropout)
 
-    def __call__(self, input_ids, token_type_ids=None, *, deterministic=True, rngs=None):
-        """Embeds [B, L] token ids into [B, L, H] hidden states in the compute dtype."""
+    def __call__(
+        self, input_ids, token_type_ids=None, positions=None, *, deterministic=True, rngs=None
+    ):
+        """Embeds token ids [..., N] into hidden states [..., N, H] in the compute dtype.
+
+        `positions` default to those of padded [B, L] rows (`position_ids`); packed
+        ids (see `packing.py`) come with their own.
+        """
+        if positions is None:
+            positions = position_ids(input_ids, self.config.position_padding_idx)
         x = self.word(input_ids)
-        x = x + self.position(position_ids(input_ids, self.config.position_padding_idx))
+        x = x + self.position(positions)
         if self.token_type is not None:
             if token_type_ids is None:
                 token_type_ids = jnp.zeros_like(input_ids)
@@ -288,9 +296,22 @@ class SelfAttention(nnx.Module):
         self.value = _linear(config, hidden, hidden, dtype, rngs)
         self.output = _linear(config, hidden, hidden, dtype, rngs)
 
-    def __call__(self, x, mask, bias=None, *, deterministic=True, rngs=None):
-        """Attends [B, L, H] hidden states to themselves; returns [B, L, H]."""
-        batch, length, hidden = x.shape
+    def __call__(self, x, mask, bias=None, *, packer=None, deterministic=True, rngs=None):
+        """Attends hidden states to themselves.
+
+        Args:
+            x: [B, L, H], or packed [G, T, H] with `packer`: the projections then
+                run on real tokens only and attention on the padded layout.
+            mask: [B, L] attention mask.
+            bias: Optional attention-logit bias (MPNet).
+            packer: A `packing.Packer`, or None for padded inputs.
+
+        Returns:
+            The same shape as `x`.
+        """
+        padded = packer.unpack if packer is not None else lambda t: t
+        q, k, v = (padded(projection(x)) for projection in (self.query, self.key, self.value))
+        batch, length, hidden = q.shape
 
         def heads(t):
             return t.reshape(batch, length, self.num_heads, hidden // self.num_heads)
@@ -301,15 +322,15 @@ class SelfAttention(nnx.Module):
                 raise ValueError("deterministic=False needs rngs with a 'dropout' stream.")
             dropout_rng = rngs.dropout()
         out = attend(
-            heads(self.query(x)),
-            heads(self.key(x)),
-            heads(self.value(x)),
+            heads(q),
+            heads(k),
+            heads(v),
             mask,
             bias,
             dropout_rate=self.dropout_rate,
             dropout_rng=dropout_rng,
-        )
-        return self.output(out.reshape(batch, length, hidden))
+        ).reshape(batch, length, hidden)
+        return self.output(out if packer is None else packer.pack(out))
 
 
 class TransformerLayer(nnx.Module):
@@ -326,9 +347,12 @@ class TransformerLayer(nnx.Module):
         self.dropout = Dropout(config.hidden_dropout)
         self.dropout_after_attention = config.dropout_after_attention_output
 
-    def __call__(self, x, mask, bias=None, *, deterministic=True, rngs=None):
-        """Maps [B, L, H] hidden states to [B, L, H]; `mask` is the [B, L] attention mask."""
-        attended = self.attention(x, mask, bias, deterministic=deterministic, rngs=rngs)
+    def __call__(self, x, mask, bias=None, *, packer=None, deterministic=True, rngs=None):
+        """Maps hidden states [B, L, H] (or packed [G, T, H] with `packer`) to the same
+        shape; `mask` is the [B, L] attention mask."""
+        attended = self.attention(
+            x, mask, bias, packer=packer, deterministic=deterministic, rngs=rngs
+        )
         if self.dropout_after_attention:
             attended = self.dropout(attended, deterministic=deterministic, rngs=rngs)
         x = self.attention_norm(attended + x)

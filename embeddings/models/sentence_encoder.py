@@ -83,7 +83,14 @@ class SentenceEncoder:
         return nnx.state(self._build(nnx.Rngs(params=rng)), nnx.Param).to_pure_dict()
 
     def hidden_states(
-        self, params, input_ids, attention_mask, token_type_ids=None, *, dropout_rng=None
+        self,
+        params,
+        input_ids,
+        attention_mask,
+        token_type_ids=None,
+        *,
+        token_index=None,
+        dropout_rng=None,
     ) -> jax.Array:
         """[B, L, H] last hidden states in the compute dtype.
 
@@ -92,6 +99,8 @@ class SentenceEncoder:
             input_ids: [B, L] token ids.
             attention_mask: [B, L], 1 for real tokens.
             token_type_ids: [B, L] or None.
+            token_index: None, or [G, T]: run the dense layers on real tokens only
+                (`packing.token_index`; same result).
             dropout_rng: None for deterministic inference; a PRNG key turns dropout on.
         """
         model = nnx.merge(self.graphdef, _int_keys(params))
@@ -100,17 +109,30 @@ class SentenceEncoder:
             input_ids,
             attention_mask,
             token_type_ids,
+            token_index=token_index,
             deterministic=dropout_rng is None,
             rngs=rngs,
         )
 
     def embed(
-        self, params, input_ids, attention_mask, token_type_ids=None, *, dropout_rng=None
+        self,
+        params,
+        input_ids,
+        attention_mask,
+        token_type_ids=None,
+        *,
+        token_index=None,
+        dropout_rng=None,
     ) -> jax.Array:
         """[B, H] float32 sentence embeddings: pooled per `spec.pooling`, L2-normalised
         if `spec.normalize`. Arguments as `hidden_states`."""
         hidden = self.hidden_states(
-            params, input_ids, attention_mask, token_type_ids, dropout_rng=dropout_rng
+            params,
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            token_index=token_index,
+            dropout_rng=dropout_rng,
         )
         pooled = pool(hidden, attention_mask, self.spec.pooling)
         return l2_normalize(pooled) if self.spec.normalize else pooled
