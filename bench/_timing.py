@@ -5,11 +5,13 @@ Every benchmark that compares two things runs each in its own worker process
 (`alternate_processes`), so that a burst of load from another program on this
 shared machine hits both sides alike; it reports medians. Separate processes
 also keep the sides from sharing thread pools or allocator state, and give
-each its own peak resident memory.
+each its own peak resident memory. Workers on a CPU-only host run with
+`MALLOC_TUNABLES`.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import platform
@@ -22,6 +24,32 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# glibc malloc settings of every worker (both sides alike) on a host without an
+# accelerator, unless GLIBC_TUNABLES is already set: keep freed memory in the
+# process instead of handing it back to the kernel. Both XLA's CPU runtime and
+# PyTorch free gigabytes of temporaries every step; with glibc's defaults each
+# step then re-faults them page by page, which costs seconds of system time per
+# step in a VM (and varies with what the other side freed just before). Glibc
+# reads this only at process start. Not used next to a GPU or TPU, whose
+# runtimes' many host threads need glibc's per-thread arenas.
+MALLOC_TUNABLES = (
+    "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=100000000000:glibc.malloc.arena_max=1"
+)
+
+
+def _malloc_env() -> dict[str, str]:
+    tunables = _worker_malloc()
+    return {"GLIBC_TUNABLES": tunables} if tunables else {}
+
+
+def _worker_malloc() -> str | None:
+    """GLIBC_TUNABLES for the workers: the user's, else MALLOC_TUNABLES on a CPU-only host."""
+    if "GLIBC_TUNABLES" in os.environ:
+        return os.environ["GLIBC_TUNABLES"]
+    accelerator = glob.glob("/dev/nvidia[0-9]*") or glob.glob("/dev/accel[0-9]*")
+    return None if accelerator else MALLOC_TUNABLES
+
+
 # Marks the protocol lines of a worker's stdout (libraries may print there too).
 _PREFIX = "@bench "
 
@@ -79,7 +107,7 @@ class _Worker:
             stdout=subprocess.PIPE,
             stderr=self._stderr,
             text=True,
-            env={**os.environ, **(env or {})},
+            env={**os.environ, **_malloc_env(), **(env or {})},
             cwd=REPO,
         )
         self._reply()  # built and ready
@@ -205,6 +233,7 @@ def machine() -> dict:
         "cpu": cpu_model(),
         "cores": len(os.sched_getaffinity(0)),
         "load_1min": os.getloadavg()[0],
+        "glibc_tunables": _worker_malloc(),
     }
 
 

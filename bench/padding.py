@@ -1,12 +1,14 @@
-"""Length buckets vs padding to the max length: real (non-padding) tokens/s of the training step.
+"""Length buckets (and packing) vs padding to the max length: real tokens/s of the training step.
 
     python bench/padding.py [--json] [--model minilm|tiny|PATH] [--dtype float32|bfloat16] \
         [--batch_size 64] [--num_batches 6] [--buckets 32,64,128] [--max_length 128] \
-        [--datasets_per_batch 2] [--steps 2] [--warmup 1]
+        [--pack_levels 8] [--datasets_per_batch 2] [--steps 2] [--warmup 1]
 
-Two worker processes each build the input pipeline on the bundled mixture
+Three worker processes each build the input pipeline on the bundled mixture
 (data_config.json, data/) with the same seed and settings except the padding
-(--buckets, or every column padded to --max_length), take the same
+(--buckets; every column padded to --max_length; --buckets with the dense
+layers on real tokens only, as train.py's default config.model.pack_levels),
+take the same
 --num_batches batches of --batch_size pairs, and time passes of our jitted
 training step (`bench/step.py`'s `OurStep`, one CPU device) over them,
 alternated after --warmup untimed passes (which compile every shape). Reports
@@ -34,6 +36,7 @@ from embeddings.models import load_tokenizer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 COLUMN_NAMES = ("anchor", "document")
+MODES = ("buckets", "max_length", "packed")
 
 
 def parse_buckets(text: str) -> tuple[int, ...]:
@@ -82,10 +85,11 @@ def token_counts(batches: list[dict]) -> dict:
 def serve(args) -> None:
     """Worker: one pass of training steps over the batches per request."""
     folder = model_dir(args.model)
-    buckets = parse_buckets(args.buckets) if args.serve == "buckets" else ()
+    buckets = parse_buckets(args.buckets) if args.serve != "max_length" else ()
     batches = pipeline_batches(args, load_tokenizer(folder), buckets)
     ours = OurStep(folder, dtype=args.dtype, devices=jax.devices()[:1])
-    on_device = [ours.device_batch(b) for b in batches]
+    pack_levels = args.pack_levels if args.serve == "packed" else 0
+    on_device = [ours.device_batch(b, pack_levels) for b in batches]
 
     def one_pass():
         for batch in on_device:
@@ -110,7 +114,7 @@ def measure(args) -> dict:
     runs = _timing.alternate_processes(
         {
             mode: (_timing.worker_args(__file__, args, serve=mode, model=model), None)
-            for mode in ("buckets", "max_length")
+            for mode in MODES
         },
         steps=args.steps,
         warmup=args.warmup,
@@ -126,8 +130,8 @@ def measure(args) -> dict:
             "real_tokens_per_second": run["real_tokens"] / seconds,
             "pairs_per_second": args.batch_size * args.num_batches / seconds,
         }
-    bucketed, padded = results["buckets"], results["max_length"]
-    if bucketed["real_tokens"] != padded["real_tokens"]:
+    bucketed, padded, packed = (results[mode] for mode in MODES)
+    if not bucketed["real_tokens"] == padded["real_tokens"] == packed["real_tokens"]:
         raise RuntimeError(
             "the two pipelines drew different examples "
             f"({bucketed['real_tokens']} vs {padded['real_tokens']} real tokens): "
@@ -141,11 +145,14 @@ def measure(args) -> dict:
         "num_batches": args.num_batches,
         "buckets": list(parse_buckets(args.buckets)),
         "max_length": args.max_length,
+        "pack_levels": args.pack_levels,
         "datasets_per_batch": args.datasets_per_batch,
         "steps": args.steps,
         "buckets_real_tokens_per_second": bucketed["real_tokens_per_second"],
         "max_length_real_tokens_per_second": padded["real_tokens_per_second"],
+        "packed_real_tokens_per_second": packed["real_tokens_per_second"],
         "speedup": bucketed["real_tokens_per_second"] / padded["real_tokens_per_second"],
+        "packed_speedup": packed["real_tokens_per_second"] / padded["real_tokens_per_second"],
         "results": results,
         "device": runs["buckets"]["device"],
         **_timing.machine(),
@@ -156,7 +163,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_model_args(parser)
     add_pipeline_args(parser)
-    parser.add_argument("--serve", choices=("buckets", "max_length"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--pack_levels", type=int, default=8, help="packed run: capacity levels (as train.py)"
+    )
+    parser.add_argument("--serve", choices=MODES, help=argparse.SUPPRESS)
     parser.set_defaults(steps=2, warmup=1)
     args = parser.parse_args()
     if args.serve:
@@ -169,7 +179,12 @@ def main() -> None:
         f"{r['cpu']} ({r['cores']} cores)\n"
     )
     rows = []
-    for mode, label in (("buckets", f"buckets {tuple(r['buckets'])}"), ("max_length", "max")):
+    labels = {
+        "buckets": f"buckets {tuple(r['buckets'])}",
+        "max_length": f"max length {r['max_length']}",
+        "packed": f"buckets + packing (pack_levels {r['pack_levels']})",
+    }
+    for mode, label in labels.items():
         x = r["results"][mode]
         lengths = "; ".join(
             f"{column} " + ", ".join(f"{n}x{length}" for length, n in counts.items())
@@ -177,7 +192,7 @@ def main() -> None:
         )
         rows.append(
             [
-                label if mode == "buckets" else f"max length {r['max_length']}",
+                label,
                 f"{x['real_tokens_per_second']:,.0f}",
                 f"{x['pairs_per_second']:.2f}",
                 f"{x['padding_share']:.1%}",
@@ -187,7 +202,10 @@ def main() -> None:
     _timing.print_table(
         ["padding", "real tokens/s", "pairs/s", "padding share", "padded lengths (batches)"], rows
     )
-    print(f"\nspeed-up of buckets: {r['speedup']:.2f}x")
+    print(
+        f"\nspeed-up over max length: buckets {r['speedup']:.2f}x, "
+        f"buckets + packing {r['packed_speedup']:.2f}x"
+    )
     if args.json:
         _timing.print_json(r)
 

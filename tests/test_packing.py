@@ -48,6 +48,15 @@ def test_token_index_by_hand():
         group_real_counts(mask, 3)
 
 
+def test_columns_without_padding_to_skip_stay_padded():
+    full, half = np.ones((4, 8), np.int32), np.zeros((4, 8), np.int32)
+    half[:, :4] = 1
+    index = batch_token_index([full, half, half], groups=2, levels=4)
+    assert index[0] is None
+    np.testing.assert_array_equal(index[1][0], [0, 1, 2, 3, 8, 9, 10, 11])
+    assert batch_token_index([half], groups=2, levels=1) == (None,)  # one level: always full
+
+
 def _random_mask(rng, rows, length):
     mask = np.zeros((rows, length), np.int32)
     for r in range(rows):
@@ -64,7 +73,8 @@ def test_pack_unpack_properties_over_random_masks():
         rows, length, width = groups * int(rng.integers(1, 4)), int(rng.integers(1, 9)), 3
         mask = _random_mask(rng, rows, length)
         levels = int(rng.integers(1, 6))
-        (index,) = batch_token_index([mask], groups, levels)
+        most_real = int(group_real_counts(mask, groups).max())
+        index = token_index(mask, groups, token_capacity(most_real, mask.size // groups, levels))
         packer = Packer.create(jnp.asarray(index), jnp.asarray(mask))
         x = rng.normal(size=(rows, length, width)).astype(np.float32)
         packed = packer.pack(jnp.asarray(x))

@@ -72,8 +72,13 @@ def token_index(mask: np.ndarray, groups: int, capacity: int) -> np.ndarray:
     return index
 
 
-def batch_token_index(masks, groups: int, levels: int, most_real=None) -> tuple[np.ndarray, ...]:
+def batch_token_index(
+    masks, groups: int, levels: int, most_real=None
+) -> tuple[np.ndarray | None, ...]:
     """`token_index` of every column of a batch, each at its own rounded capacity.
+
+    A column whose capacity would be its whole padded size gets None instead
+    (nothing to skip: it runs padded, without the gathers).
 
     Args:
       masks: one [rows, L] attention mask per column.
@@ -85,10 +90,11 @@ def batch_token_index(masks, groups: int, levels: int, most_real=None) -> tuple[
     """
     if most_real is None:
         most_real = [int(group_real_counts(m, groups).max()) for m in masks]
-    return tuple(
-        token_index(m, groups, token_capacity(int(r), m.size // groups, levels))
-        for m, r in zip(masks, most_real, strict=True)
-    )
+    out = []
+    for mask, real in zip(masks, most_real, strict=True):
+        capacity = token_capacity(int(real), mask.size // groups, levels)
+        out.append(token_index(mask, groups, capacity) if capacity < mask.size // groups else None)
+    return tuple(out)
 
 
 def _take(x: jax.Array, index: jax.Array) -> jax.Array:
