@@ -5,8 +5,7 @@ Every benchmark that compares two things runs each in its own worker process
 (`alternate_processes`), so that a burst of load from another program on this
 shared machine hits both sides alike; it reports medians. Separate processes
 also keep the sides from sharing thread pools or allocator state, and give
-each its own peak resident memory. Workers on a CPU-only host run with
-`MALLOC_TUNABLES`.
+each its own peak resident memory.
 """
 
 from __future__ import annotations
@@ -24,28 +23,29 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# glibc malloc settings of every worker (both sides alike) on a host without an
-# accelerator, unless GLIBC_TUNABLES is already set: keep freed memory in the
-# process instead of handing it back to the kernel. Both XLA's CPU runtime and
+# glibc malloc settings for the workers of a comparison that asks for them
+# (`tune_malloc`; both sides alike) on a host without an accelerator, unless
+# GLIBC_TUNABLES is already set: keep freed memory in the process instead of
+# handing it back to the kernel. Both XLA's CPU runtime and
 # PyTorch free gigabytes of temporaries every step; with glibc's defaults each
 # step then re-faults them page by page, which costs seconds of system time per
 # step in a VM (and varies with what the other side freed just before). Glibc
-# reads this only at process start. Not used next to a GPU or TPU, whose
-# runtimes' many host threads need glibc's per-thread arenas.
+# reads this only at process start. Only for workers that run one shape: with
+# many shapes the never-returned heap fragments (a padding-bench worker grew to
+# 16 GB). Not used next to a GPU or TPU, whose runtimes' many host threads need
+# glibc's per-thread arenas.
 MALLOC_TUNABLES = (
     "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=100000000000:glibc.malloc.arena_max=1"
 )
 
 
-def _malloc_env() -> dict[str, str]:
-    tunables = _worker_malloc()
-    return {"GLIBC_TUNABLES": tunables} if tunables else {}
-
-
-def _worker_malloc() -> str | None:
-    """GLIBC_TUNABLES for the workers: the user's, else MALLOC_TUNABLES on a CPU-only host."""
+def worker_malloc(tune: bool) -> str | None:
+    """GLIBC_TUNABLES of the workers: the user's, else MALLOC_TUNABLES if `tune` on a
+    CPU-only host, else None (glibc's defaults)."""
     if "GLIBC_TUNABLES" in os.environ:
         return os.environ["GLIBC_TUNABLES"]
+    if not tune:
+        return None
     accelerator = glob.glob("/dev/nvidia[0-9]*") or glob.glob("/dev/accel[0-9]*")
     return None if accelerator else MALLOC_TUNABLES
 
@@ -97,8 +97,12 @@ def serve(run: Callable[[], object], info: Callable[[], Mapping]) -> None:
 class _Worker:
     """A child process running `serve`, driven over its stdin and stdout."""
 
-    def __init__(self, name: str, args: Sequence[str], env: Mapping[str, str] | None):
+    def __init__(
+        self, name: str, args: Sequence[str], env: Mapping[str, str] | None, tune_malloc: bool
+    ):
         self.name = name
+        tunables = worker_malloc(tune_malloc)
+        env = {**({"GLIBC_TUNABLES": tunables} if tunables else {}), **(env or {})}
         self.command = [sys.executable, *args]
         self._stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed by kill)
         self._process = subprocess.Popen(
@@ -107,7 +111,7 @@ class _Worker:
             stdout=subprocess.PIPE,
             stderr=self._stderr,
             text=True,
-            env={**os.environ, **_malloc_env(), **(env or {})},
+            env={**os.environ, **env},
             cwd=REPO,
         )
         self._reply()  # built and ready
@@ -149,6 +153,7 @@ def alternate_processes(
     *,
     steps: int,
     warmup: int = 1,
+    tune_malloc: bool = False,
 ) -> dict[str, dict]:
     """Times units of work of worker processes, each side in its own, driven in turn.
 
@@ -162,6 +167,7 @@ def alternate_processes(
         environment variables or None).
       steps: timed units per worker.
       warmup: untimed units first, per worker.
+      tune_malloc: start the workers with `MALLOC_TUNABLES` (see there).
 
     Returns:
       name -> the worker's `info` plus "times" (the `steps` durations, seconds)
@@ -172,7 +178,7 @@ def alternate_processes(
     started: dict[str, _Worker] = {}
     try:
         for name, (args, env) in workers.items():
-            started[name] = _Worker(name, args, env)
+            started[name] = _Worker(name, args, env, tune_malloc)
         runs = {name: worker.run for name, worker in started.items()}
         for _ in range(warmup):
             for run in runs.values():
@@ -233,7 +239,6 @@ def machine() -> dict:
         "cpu": cpu_model(),
         "cores": len(os.sched_getaffinity(0)),
         "load_1min": os.getloadavg()[0],
-        "glibc_tunables": _worker_malloc(),
     }
 
 

@@ -1,21 +1,21 @@
-"""Length buckets (and packing) vs padding to the max length: real tokens/s of the training step.
+"""Length buckets vs padding to the max length: real (non-padding) tokens/s of the training step.
 
     python bench/padding.py [--json] [--model minilm|tiny|PATH] [--dtype float32|bfloat16] \
         [--batch_size 64] [--num_batches 6] [--buckets 32,64,128] [--max_length 128] \
-        [--pack_levels 8] [--datasets_per_batch 2] [--steps 2] [--warmup 1]
+        [--pack_levels 0] [--datasets_per_batch 2] [--steps 2] [--warmup 1]
 
-Three worker processes each build the input pipeline on the bundled mixture
+Two worker processes each build the input pipeline on the bundled mixture
 (data_config.json, data/) with the same seed and settings except the padding
-(--buckets; every column padded to --max_length; --buckets with the dense
-layers on real tokens only, as train.py's default config.model.pack_levels),
-take the same
+(--buckets, or every column padded to --max_length), take the same
 --num_batches batches of --batch_size pairs, and time passes of our jitted
 training step (`bench/step.py`'s `OurStep`, one CPU device) over them,
 alternated after --warmup untimed passes (which compile every shape). Reports
 non-padding tokens per second of each (the same tokens, so the ratio is the
 speed-up) and, for the bucketed run, how often each column got each padded
 length: a column is padded to the smallest bucket that holds its longest text
-in the batch, so one long text pads the whole batch.
+in the batch, so one long text pads the whole batch. With --pack_levels N the
+bucketed side also runs its dense layers on real tokens only (train.py's
+config.model.pack_levels; its default is 8), the padded side never does.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from embeddings.models import load_tokenizer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 COLUMN_NAMES = ("anchor", "document")
-MODES = ("buckets", "max_length", "packed")
 
 
 def parse_buckets(text: str) -> tuple[int, ...]:
@@ -85,10 +84,10 @@ def token_counts(batches: list[dict]) -> dict:
 def serve(args) -> None:
     """Worker: one pass of training steps over the batches per request."""
     folder = model_dir(args.model)
-    buckets = parse_buckets(args.buckets) if args.serve != "max_length" else ()
+    buckets = parse_buckets(args.buckets) if args.serve == "buckets" else ()
     batches = pipeline_batches(args, load_tokenizer(folder), buckets)
     ours = OurStep(folder, dtype=args.dtype, devices=jax.devices()[:1])
-    pack_levels = args.pack_levels if args.serve == "packed" else 0
+    pack_levels = args.pack_levels if args.serve == "buckets" else 0
     on_device = [ours.device_batch(b, pack_levels) for b in batches]
 
     def one_pass():
@@ -114,7 +113,7 @@ def measure(args) -> dict:
     runs = _timing.alternate_processes(
         {
             mode: (_timing.worker_args(__file__, args, serve=mode, model=model), None)
-            for mode in MODES
+            for mode in ("buckets", "max_length")
         },
         steps=args.steps,
         warmup=args.warmup,
@@ -130,8 +129,8 @@ def measure(args) -> dict:
             "real_tokens_per_second": run["real_tokens"] / seconds,
             "pairs_per_second": args.batch_size * args.num_batches / seconds,
         }
-    bucketed, padded, packed = (results[mode] for mode in MODES)
-    if not bucketed["real_tokens"] == padded["real_tokens"] == packed["real_tokens"]:
+    bucketed, padded = results["buckets"], results["max_length"]
+    if bucketed["real_tokens"] != padded["real_tokens"]:
         raise RuntimeError(
             "the two pipelines drew different examples "
             f"({bucketed['real_tokens']} vs {padded['real_tokens']} real tokens): "
@@ -150,9 +149,7 @@ def measure(args) -> dict:
         "steps": args.steps,
         "buckets_real_tokens_per_second": bucketed["real_tokens_per_second"],
         "max_length_real_tokens_per_second": padded["real_tokens_per_second"],
-        "packed_real_tokens_per_second": packed["real_tokens_per_second"],
         "speedup": bucketed["real_tokens_per_second"] / padded["real_tokens_per_second"],
-        "packed_speedup": packed["real_tokens_per_second"] / padded["real_tokens_per_second"],
         "results": results,
         "device": runs["buckets"]["device"],
         **_timing.machine(),
@@ -164,9 +161,12 @@ def main() -> None:
     add_model_args(parser)
     add_pipeline_args(parser)
     parser.add_argument(
-        "--pack_levels", type=int, default=8, help="packed run: capacity levels (as train.py)"
+        "--pack_levels",
+        type=int,
+        default=0,
+        help="bucketed side: dense layers on real tokens only (capacity levels); 0 = off",
     )
-    parser.add_argument("--serve", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--serve", choices=("buckets", "max_length"), help=argparse.SUPPRESS)
     parser.set_defaults(steps=2, warmup=1)
     args = parser.parse_args()
     if args.serve:
@@ -179,12 +179,8 @@ def main() -> None:
         f"{r['cpu']} ({r['cores']} cores)\n"
     )
     rows = []
-    labels = {
-        "buckets": f"buckets {tuple(r['buckets'])}",
-        "max_length": f"max length {r['max_length']}",
-        "packed": f"buckets + packing (pack_levels {r['pack_levels']})",
-    }
-    for mode, label in labels.items():
+    packing = f" + packing ({r['pack_levels']} levels)" if r["pack_levels"] else ""
+    for mode, label in (("buckets", f"buckets {tuple(r['buckets'])}{packing}"), ("max_length", "")):
         x = r["results"][mode]
         lengths = "; ".join(
             f"{column} " + ", ".join(f"{n}x{length}" for length, n in counts.items())
@@ -192,7 +188,7 @@ def main() -> None:
         )
         rows.append(
             [
-                label,
+                label if mode == "buckets" else f"max length {r['max_length']}",
                 f"{x['real_tokens_per_second']:,.0f}",
                 f"{x['pairs_per_second']:.2f}",
                 f"{x['padding_share']:.1%}",
@@ -202,10 +198,7 @@ def main() -> None:
     _timing.print_table(
         ["padding", "real tokens/s", "pairs/s", "padding share", "padded lengths (batches)"], rows
     )
-    print(
-        f"\nspeed-up over max length: buckets {r['speedup']:.2f}x, "
-        f"buckets + packing {r['packed_speedup']:.2f}x"
-    )
+    print(f"\nspeed-up of buckets{packing}: {r['speedup']:.2f}x")
     if args.json:
         _timing.print_json(r)
 

@@ -2,7 +2,7 @@
 
     python bench/pipeline_vs_step.py [--json] [--model minilm|tiny|PATH] [--batch_size 64] \
         [--pipeline_batches 100] [--num_batches 6] [--buckets 32,64,128] [--max_length 128] \
-        [--steps 2] [--warmup 1]
+        [--pack_levels 8] [--steps 2] [--warmup 1]
 
 - Delivered: `bench/input_pipeline.py`'s measurement, in this process: a fresh
   pipeline on the bundled mixture reads the gzip JSONL files (parsing each as
@@ -10,8 +10,10 @@
   model's tokenizer and pads to the buckets, on one thread with prefetch off,
   for --pipeline_batches batches of --batch_size pairs.
 - Consumed: our jitted MiniLM training step on one CPU device over
-  --num_batches such batches (`bench/padding.py`'s bucketed worker), median
-  of --steps passes after --warmup passes that compile every shape.
+  --num_batches such batches (`bench/padding.py`'s bucketed worker), with
+  the dense layers on real tokens only as train.py runs them (--pack_levels,
+  0 = off), median of --steps passes after --warmup passes that compile every
+  shape.
 
 In training the pipeline runs in a background thread beside the step, so the
 ratio says how much of the CPU the pipeline takes away: at 5x, about a sixth.
@@ -61,6 +63,7 @@ def measure(args) -> dict:
         "batch_size": args.batch_size,
         "buckets": list(buckets),
         "max_length": args.max_length,
+        "pack_levels": args.pack_levels,
         "pipeline_pairs_per_second": delivered["pairs_per_second"],
         "step_pairs_per_second": step_pairs,
         "ratio": delivered["pairs_per_second"] / step_pairs,
@@ -78,6 +81,7 @@ def main() -> None:
     padding.add_pipeline_args(parser)
     parser.set_defaults(steps=2, warmup=1)
     parser.add_argument("--pipeline_batches", type=int, default=100, help="batches timed")
+    parser.add_argument("--pack_levels", type=int, default=8, help="step: packing levels, 0 = off")
     parser.add_argument("--shuffle_buffer", type=int, default=100_000, help="lines per chunk")
     args = parser.parse_args()
     r = measure(args)

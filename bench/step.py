@@ -323,6 +323,7 @@ def measure(args) -> dict:
         },
         steps=args.steps,
         warmup=args.warmup,
+        tune_malloc=True,  # one shape per worker (see _timing.MALLOC_TUNABLES)
     )
     ours, reference = sides["ours"], sides["reference"]
     ours_s, reference_s = _timing.median(ours["times"]), _timing.median(reference["times"])
@@ -354,6 +355,7 @@ def measure(args) -> dict:
         "torch_threads": reference["torch_threads"],
         "torch_version": reference["torch"],
         "torch_device": reference["torch_device"],
+        "glibc_tunables": _timing.worker_malloc(True),
         "model_flops_per_step": ours["model_flops_per_step"],
         **mfu(ours["model_flops_per_step"], ours["peak_flops"], ours_s, reference_s),
         **_timing.machine(),
