@@ -24,9 +24,11 @@ at 1.0 and an AdamW update, dropout on, as in training.
   step, `zero_grad(set_to_none=True)`.
 
 Both get the same token ids: Debian (title, description) pairs from data/,
-tokenized with the model's tokenizer and padded to --max_length (or, with
---full_length, random ids filling every text to --max_length: no padding, so
-the MFU is that of the whole padded shape). Each side
+tokenized with the model's tokenizer and padded to --max_length; with
+--padding longest each column is padded to its longest text instead, as
+sentence-transformers' trainer pads its batches; with --full_length they are
+random ids filling every text to --max_length (no padding, so the MFU is that
+of the whole shape). Each side
 runs in its own worker process (no shared thread pools or allocator), driven
 in turn: ours, theirs, ours, theirs... after --warmup untimed steps each (the
 first compiles). torch uses `torch.set_num_threads(os.cpu_count())`, JAX its
@@ -137,14 +139,15 @@ def sample_pairs(count: int) -> list[tuple[str, str]]:
     return [(row[0], row[1]) for row in rows[:count]]
 
 
-def tokenize_pairs(tokenizer, pairs, max_length: int) -> dict:
-    """The batch dict of the training step: int32 ids and masks per column, padded to
-    `max_length` (texts truncated to it)."""
+def tokenize_pairs(tokenizer, pairs, max_length: int, padding: str = "max_length") -> dict:
+    """The batch dict of the training step: int32 ids and masks per column, texts
+    truncated to `max_length` and padded to it ("max_length") or to the column's
+    longest text ("longest", what sentence-transformers' data collator does)."""
     batch = {"input_ids": [], "attention_mask": []}
     for column in zip(*pairs, strict=True):
         encoded = tokenizer(
             list(column),
-            padding="max_length",
+            padding=padding,
             truncation=True,
             max_length=max_length,
             return_tensors="np",
@@ -284,7 +287,7 @@ def serve(args) -> None:
         host = full_length_batch(load_pretrained(str(folder)).config, args)
     else:
         pairs = sample_pairs(args.batch_size)
-        host = tokenize_pairs(load_tokenizer(folder), pairs, args.max_length)
+        host = tokenize_pairs(load_tokenizer(folder), pairs, args.max_length, args.padding)
     real = sum(int(m.sum()) for m in host["attention_mask"])
     facts = {"padding_share": 1 - real / sum(m.size for m in host["attention_mask"])}
     if args.serve == "ours":
@@ -335,6 +338,7 @@ def measure(args) -> dict:
         "max_length": args.max_length,
         "pack_levels": args.pack_levels,
         "full_length": args.full_length,
+        "padding": args.padding,
         "steps": args.steps,
         "warmup": args.warmup,
         "pairs_per_second": args.batch_size / ours_s,
@@ -393,6 +397,12 @@ def main() -> None:
         "--full_length",
         action="store_true",
         help="random ids filling every text to --max_length instead of Debian pairs",
+    )
+    parser.add_argument(
+        "--padding",
+        default="max_length",
+        choices=("max_length", "longest"),
+        help="both sides: pad every column to --max_length, or to its longest text",
     )
     parser.add_argument("--serve", choices=("ours", "reference"), help=argparse.SUPPRESS)
     args = parser.parse_args()
