@@ -85,14 +85,12 @@ class Encoder(nnx.Module):
         if not deterministic and rngs is None:
             raise ValueError("Encoder(deterministic=False) needs rngs=nnx.Rngs(dropout=key).")
         positions = position_ids(input_ids, self.config.position_padding_idx)
-        if token_type_ids is None:
-            token_type_ids = jnp.zeros_like(input_ids)
         packer = None
         if token_index is not None:
             packer = Packer.create(token_index, attention_mask)
-            input_ids, token_type_ids, positions = (
-                packer.pack_ids(x) for x in (input_ids, token_type_ids, positions)
-            )
+            input_ids, positions = packer.pack_ids(input_ids), packer.pack_ids(positions)
+            if token_type_ids is not None:
+                token_type_ids = packer.pack_ids(token_type_ids)
         x = self.embeddings(
             input_ids, token_type_ids, positions, deterministic=deterministic, rngs=rngs
         )
