@@ -2,7 +2,7 @@
 
     python bench/step.py [--json] [--dtype float32|bfloat16] [--batch_size 64] \
         [--max_length 128] [--steps 5] [--warmup 2] [--model minilm|tiny|PATH] \
-        [--pack_levels 8] [--full_length]
+        [--pack_levels 8] [--attention_kernel auto|xla|pallas] [--full_length]
 
 One step = forward of both columns of a batch of (anchor, positive) pairs, the
 symmetric in-batch negatives loss (cosine x 20), backward, grad-norm clipping
@@ -183,14 +183,20 @@ class OurStep:
       dtype: compute dtype name, "float32" or "bfloat16".
       grad_cache_chunk: rows per GradCache chunk; 0 for the plain step.
       devices: devices of the (data-parallel) mesh; default all.
+      attention_kernel: config.model.attention_kernel ("auto", "xla", "pallas").
     """
 
-    def __init__(self, folder, *, dtype="float32", grad_cache_chunk=0, devices=None):
+    def __init__(
+        self, folder, *, dtype="float32", grad_cache_chunk=0, devices=None, attention_kernel="auto"
+    ):
         pre = load_pretrained(str(folder))
         self.config = pre.config
         self.tokenizer = load_tokenizer(pre.model_dir)
         config = training_config(grad_cache_chunk)
-        model = DualEncoder(SentenceEncoder(pre.config, pre.spec, dtype=DTYPES[dtype]))
+        encoder = SentenceEncoder(
+            pre.config, pre.spec, dtype=DTYPES[dtype], attention_kernel=attention_kernel
+        )
+        model = DualEncoder(encoder)
         self.mesh = make_mesh(devices=devices)
         optimizer, schedule = make_optimizer(config, SCHEDULE_STEPS)
         state = init_state({"encoder": pre.params}, optimizer, config.seed)
@@ -291,7 +297,12 @@ def serve(args) -> None:
     real = sum(int(m.sum()) for m in host["attention_mask"])
     facts = {"padding_share": 1 - real / sum(m.size for m in host["attention_mask"])}
     if args.serve == "ours":
-        ours = OurStep(folder, dtype=args.dtype, devices=jax.devices()[:1])
+        ours = OurStep(
+            folder,
+            dtype=args.dtype,
+            devices=jax.devices()[:1],
+            attention_kernel=args.attention_kernel,
+        )
         batch = ours.device_batch(host, args.pack_levels)
         facts["model_flops_per_step"] = flops.train_step_flops(
             ours.config, host["attention_mask"], grad_cache=False
@@ -337,6 +348,7 @@ def measure(args) -> dict:
         "batch_size": args.batch_size,
         "max_length": args.max_length,
         "pack_levels": args.pack_levels,
+        "attention_kernel": args.attention_kernel,
         "full_length": args.full_length,
         "padding": args.padding,
         "steps": args.steps,
@@ -392,6 +404,12 @@ def main() -> None:
         type=int,
         default=8,
         help="ours: dense layers on real tokens only (capacity levels); 0 = on padding too",
+    )
+    parser.add_argument(
+        "--attention_kernel",
+        default="auto",
+        choices=("auto", "xla", "pallas"),
+        help="ours: config.model.attention_kernel (auto = fused Pallas kernels on GPUs)",
     )
     parser.add_argument(
         "--full_length",

@@ -100,7 +100,10 @@ def build_model(config: ml_collections.ConfigDict, *, seed: int | None = None) -
         similarity=config.loss.similarity,
         do_lower_case=base_spec.do_lower_case,
     )
-    model = DualEncoder(SentenceEncoder(encoder_config, spec, dtype=dtype, remat=m.remat), m.tied)
+    encoder = SentenceEncoder(
+        encoder_config, spec, dtype=dtype, remat=m.remat, attention_kernel=m.attention_kernel
+    )
+    model = DualEncoder(encoder, m.tied)
 
     random_params = None
     if query is None:

@@ -13,6 +13,7 @@ Two ways to get gradients, equal up to float rounding:
   grows with the chunk, not the batch, for the price of one extra forward.
 """
 
+import contextlib
 import functools
 from collections.abc import Sequence
 
@@ -240,15 +241,21 @@ def train_step(
 ):
     """One AdamW update; skipped (and counted) when the gradients are not finite."""
     dropout_rng = jax.random.fold_in(state.rng, state.step) if dropout else None
-    (loss, metrics), grads = loss_and_grads(
-        state.params,
-        batch,
-        dropout_rng,
-        model=model,
-        loss_config=loss_config,
-        grad_cache_chunk=grad_cache_chunk,
-        mesh=mesh,
-    )
+    # The mesh in context lets fused kernels (custom calls XLA cannot split) run
+    # under shard_map on each device's rows.
+    in_mesh = contextlib.nullcontext()
+    if mesh is not None:
+        in_mesh = jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+    with in_mesh:
+        (loss, metrics), grads = loss_and_grads(
+            state.params,
+            batch,
+            dropout_rng,
+            model=model,
+            loss_config=loss_config,
+            grad_cache_chunk=grad_cache_chunk,
+            mesh=mesh,
+        )
     grad_norm = optax.global_norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

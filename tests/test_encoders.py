@@ -322,7 +322,7 @@ def test_config_errors_are_clear():
 @pytest.mark.parametrize("rate", [0.1, 0.5])
 def test_dropout_mask_is_bernoulli_like(rate):
     """The counter-hash mask keeps 1 - rate of elements, independently of position and key."""
-    from embeddings.models.layers import dropout, dropout_keep_mask
+    from embeddings.models.dropout import dropout, dropout_keep_mask
 
     shape = (64, 12, 32, 32)  # an attention-probability shape; 786k elements
     masks = [np.asarray(dropout_keep_mask(jax.random.PRNGKey(k), shape, rate)) for k in range(4)]

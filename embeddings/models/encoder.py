@@ -36,10 +36,17 @@ class Encoder(nnx.Module):
         dtype: Compute dtype, float32 or bfloat16.
         remat: Rematerialise each layer in the backward pass (gradient
             checkpointing): less activation memory for one more forward per layer.
+        attention_kernel: "auto", "xla" or "pallas" (`layers.attend`).
     """
 
     def __init__(
-        self, config: EncoderConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, remat: bool = False
+        self,
+        config: EncoderConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+        remat: bool = False,
+        attention_kernel: str = "auto",
     ):
         if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
             raise ValueError(f"Encoder dtype must be float32 or bfloat16, got {dtype}.")
@@ -52,7 +59,10 @@ class Encoder(nnx.Module):
             else None
         )
         self.layers = nnx.List(
-            [TransformerLayer(config, rngs=rngs, dtype=dtype) for _ in range(config.num_layers)]
+            [
+                TransformerLayer(config, rngs=rngs, dtype=dtype, attention_kernel=attention_kernel)
+                for _ in range(config.num_layers)
+            ]
         )
 
     def __call__(

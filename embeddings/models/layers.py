@@ -17,8 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
+from embeddings.models import attention_kernel
 from embeddings.models.config import MPNET_POSITION_BUCKETS, EncoderConfig
+from embeddings.models.dropout import Dropout, dropout, seed_words
 
 # The relative distance past which MPNet's log-spaced buckets stop growing.
 _MPNET_MAX_DISTANCE = 128
@@ -132,69 +135,6 @@ def mpnet_relative_buckets(length: int) -> np.ndarray:
     return (bucket + np.where(n < max_exact, n, large)).astype(np.int32)
 
 
-def _mix32(x: jax.Array) -> jax.Array:
-    """lowbias32 (C. Wellons): a bijection of uint32 with full avalanche, in five ops."""
-    x = x ^ (x >> 16)
-    x = x * jnp.uint32(0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = x * jnp.uint32(0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def dropout_keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
-    """Dropout's keep-mask: each element True with probability 1 - rate, independently.
-
-    The bits are a counter-based hash of each element's flat index, seeded by two
-    words drawn from `key`, rather than `jax.random.bernoulli`: threefry costs
-    about ten times an elementwise pass on a CPU and its mask is kept for the
-    backward pass as two uint32 words per element, whereas the hash is as cheap
-    as a copy and XLA recomputes it inside the fusions that use it. Like
-    threefry's, the mask depends only on the key and the global shape, not on how
-    the array is sharded.
-
-    Args:
-        key: PRNG key (typed or raw uint32).
-        shape: Shape of the mask.
-        rate: Probability of dropping an element, in [0, 1).
-
-    Returns:
-        Boolean array of `shape`.
-    """
-    size = math.prod(shape)
-    if size >= 2**32:  # the counter is 32 bits wide
-        return jax.random.bernoulli(key, 1.0 - rate, shape)
-    seed = jax.random.bits(key, (2,), jnp.uint32)
-    counter = jax.lax.iota(jnp.uint32, size).reshape(shape)
-    bits = _mix32(_mix32(counter ^ seed[0]) + seed[1])
-    return bits >= jnp.uint32(round(rate * 2**32))
-
-
-def dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
-    """Zeroes elements of `x` with probability `rate` and scales the rest by 1/(1 - rate)."""
-    keep = dropout_keep_mask(key, x.shape, rate)
-    return jnp.where(keep, x * (1.0 / (1.0 - rate)), 0)
-
-
-class Dropout(nnx.Module):
-    """`nnx.Dropout`'s interface with the mask of `dropout_keep_mask`.
-
-    Args:
-        rate: Probability of dropping an element.
-    """
-
-    def __init__(self, rate: float):
-        if not 0.0 <= rate < 1.0:
-            raise ValueError(f"dropout rate must be in [0, 1), got {rate}.")
-        self.rate = rate
-
-    def __call__(self, x, *, deterministic=True, rngs=None):
-        if deterministic or self.rate == 0.0:
-            return x
-        if rngs is None:
-            raise ValueError("deterministic=False needs rngs with a 'dropout' stream.")
-        return dropout(x, self.rate, rngs.dropout())
-
-
 class Embeddings(nnx.Module):
     """Word + position (+ token type) embeddings, LayerNorm and dropout."""
 
@@ -252,45 +192,105 @@ class RelativePositionBias(nnx.Module):
         return jnp.transpose(values, (2, 0, 1))[None]
 
 
-def attend(q, k, v, mask, bias=None, *, dropout_rate=0.0, dropout_rng=None) -> jax.Array:
+ATTENTION_KERNELS = ("auto", "xla", "pallas")
+
+
+def use_fused_attention(kernel: str, shape: tuple[int, ...]) -> bool:
+    """Whether attention of q-shape [B, L, heads, head_dim] runs the Pallas kernels
+    for `config.model.attention_kernel`: "pallas" wherever they take the shape
+    (interpreted, slowly, off a GPU: tests), "auto" on GPUs where they were
+    measured faster than XLA (`attention_kernel.measured_faster`), "xla" never."""
+    if kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"attention kernel {kernel!r}: use one of {ATTENTION_KERNELS}.")
+    if kernel == "xla" or not attention_kernel.supports(*shape):
+        return False
+    if kernel == "pallas":
+        return True
+    _, length, _, head_dim = shape
+    return jax.default_backend() == "gpu" and attention_kernel.measured_faster(length, head_dim)
+
+
+def _attend_fused(q, k, v, mask, bias, seed, rate):
+    """`attention_kernel.attention` on the global batch: under a mesh each device
+    runs the kernels on its own rows (a custom call cannot be split by XLA)."""
+    interpret = jax.default_backend() != "gpu"
+    operands = (q, k, v, mask, seed) + (() if bias is None else (bias.reshape(bias.shape[-3:]),))
+
+    def local(q, k, v, mask, seed, bias=None, offset=0):
+        return attention_kernel.attention(
+            q, k, v, mask, bias, seed, rate=rate, batch_offset=offset, interpret=interpret
+        )
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return local(*operands)
+    axes = mesh.axis_names
+
+    def shard(q, k, v, mask, seed, *bias):
+        return local(q, k, v, mask, seed, *bias, offset=jax.lax.axis_index(axes) * q.shape[0])
+
+    rows = P(axes)
+    specs = (rows, rows, rows, rows, P()) + (() if bias is None else (P(),))
+    return jax.shard_map(shard, mesh=mesh, in_specs=specs, out_specs=rows, check_vma=False)(
+        *operands
+    )
+
+
+def attend(
+    q, k, v, mask, bias=None, *, dropout_rate=0.0, dropout_rng=None, kernel="xla"
+) -> jax.Array:
     """Scaled dot-product attention over padded sequences.
 
-    Without attention dropout this is `jax.nn.dot_product_attention` (which picks a
-    fused kernel on GPU); with dropout it is an explicit softmax, because the fused
-    kernels cannot drop attention probabilities. Both compute the logits and the
-    softmax in float32.
+    With the Pallas kernels (`use_fused_attention`) it is one fused kernel per
+    pass. Otherwise XLA: without attention dropout
+    `jax.nn.dot_product_attention`'s XLA implementation, with dropout an explicit
+    softmax. All compute the logits and the softmax in float32 and draw the same
+    dropout mask.
 
     Args:
         q, k, v: [B, L, heads, head_dim] in the compute dtype.
         mask: [B, L] attention mask, nonzero for real tokens (keys that may be attended).
-        bias: Optional float32 bias broadcastable to [B, heads, L, L], added to the
-            scaled logits.
+        bias: Optional float32 bias broadcastable to [B, heads, L, L] with a batch
+            dimension of 1, added to the scaled logits.
         dropout_rate: Attention-probability dropout; used only with `dropout_rng`.
         dropout_rng: PRNG key; None means no dropout.
+        kernel: `config.model.attention_kernel`, see `use_fused_attention`.
 
     Returns:
         [B, L, heads, head_dim] in the dtype of `v`.
     """
+    rate = dropout_rate if dropout_rng is not None else 0.0
+    if use_fused_attention(kernel, q.shape):
+        seed = seed_words(dropout_rng) if rate else None
+        return _attend_fused(q, k, v, mask, bias, seed, rate)
     key_mask = (mask != 0)[:, None, None, :]  # [B, 1, 1, L]
     scale = 1.0 / math.sqrt(q.shape[-1])
-    if dropout_rng is None or dropout_rate == 0.0:
+    if rate == 0.0:
         return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=key_mask, scale=scale)
     logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
     if bias is not None:
         logits = logits + bias
     logits = jnp.where(key_mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
-    probs = dropout(probs, dropout_rate, dropout_rng).astype(v.dtype)
+    probs = dropout(probs, rate, dropout_rng).astype(v.dtype)
     return jnp.einsum("bnts,bsnh->btnh", probs, v)
 
 
 class SelfAttention(nnx.Module):
-    """Multi-head self-attention: query/key/value projections, attention, output projection."""
+    """Multi-head self-attention: query/key/value projections, attention, output projection.
 
-    def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    `kernel` is `config.model.attention_kernel` ("auto", "xla" or "pallas").
+    """
+
+    def __init__(
+        self, config: EncoderConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, kernel: str = "auto"
+    ):
+        if kernel not in ATTENTION_KERNELS:
+            raise ValueError(f"attention kernel {kernel!r}: use one of {ATTENTION_KERNELS}.")
         hidden = config.hidden_size
         self.num_heads = config.num_heads
         self.dropout_rate = config.attention_dropout
+        self.kernel = kernel
         self.query = _linear(config, hidden, hidden, dtype, rngs)
         self.key = _linear(config, hidden, hidden, dtype, rngs)
         self.value = _linear(config, hidden, hidden, dtype, rngs)
@@ -329,6 +329,7 @@ class SelfAttention(nnx.Module):
             bias,
             dropout_rate=self.dropout_rate,
             dropout_rng=dropout_rng,
+            kernel=self.kernel,
         ).reshape(batch, length, hidden)
         return self.output(out if packer is None else packer.pack(out))
 
@@ -336,8 +337,15 @@ class SelfAttention(nnx.Module):
 class TransformerLayer(nnx.Module):
     """One post-LayerNorm encoder layer (attention block, then feed-forward block)."""
 
-    def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
-        self.attention = SelfAttention(config, rngs=rngs, dtype=dtype)
+    def __init__(
+        self,
+        config: EncoderConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+        attention_kernel: str = "auto",
+    ):
+        self.attention = SelfAttention(config, rngs=rngs, dtype=dtype, kernel=attention_kernel)
         self.attention_norm = _layer_norm(config, dtype, rngs)
         hidden, inner = config.hidden_size, config.intermediate_size
         self.intermediate = _linear(config, hidden, inner, dtype, rngs)

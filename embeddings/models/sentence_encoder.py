@@ -51,6 +51,8 @@ class SentenceEncoder:
         spec: Pooling mode, normalisation and max length.
         dtype: Compute dtype (float32 or bfloat16); parameters stay float32.
         remat: Rematerialise each layer in the backward pass.
+        attention_kernel: "auto" (the fused Pallas kernels on GPUs, XLA elsewhere),
+            "xla" or "pallas" (`layers.attend`).
     """
 
     def __init__(
@@ -60,6 +62,7 @@ class SentenceEncoder:
         *,
         dtype=jnp.float32,
         remat: bool = False,
+        attention_kernel: str = "auto",
     ):
         if spec.pooling not in POOLING_MODES:
             raise ValueError(f"SentenceSpec.pooling={spec.pooling!r}; use one of {POOLING_MODES}.")
@@ -67,13 +70,20 @@ class SentenceEncoder:
         self.spec = spec
         self.dtype = dtype
         self.remat = remat
+        self.attention_kernel = attention_kernel
         # Abstract build: shapes only, no parameter memory or random numbers.
         abstract = nnx.eval_shape(lambda: self._build(nnx.Rngs(0)))
         self.graphdef, _ = nnx.split(abstract)
         self._jit_embed = jax.jit(self.embed)
 
     def _build(self, rngs: nnx.Rngs) -> Encoder:
-        return Encoder(self.config, rngs=rngs, dtype=self.dtype, remat=self.remat)
+        return Encoder(
+            self.config,
+            rngs=rngs,
+            dtype=self.dtype,
+            remat=self.remat,
+            attention_kernel=self.attention_kernel,
+        )
 
     def init(self, rng: jax.Array) -> dict:
         """Random parameters (HF-style init) as a plain nested dict of float32 arrays.

@@ -1,0 +1,164 @@
+"""The fused Pallas attention kernels (interpreted on the CPU) against XLA's attention.
+
+The reference is `layers.attend`'s XLA path: separate matmuls, masking, float32
+softmax and dropout from `dropout.dropout_keep_mask`, itself checked against
+PyTorch transformers in test_encoders.py (without dropout). Equal outputs and
+gradients with dropout on mean the kernels draw the very same mask.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from embeddings.models import attention_kernel, layers
+from embeddings.models.config import EncoderConfig
+from embeddings.models.packing import batch_token_index
+from embeddings.models.sentence_encoder import SentenceEncoder, SentenceSpec
+from embeddings.sharding import batch_sharding, make_mesh
+
+
+def _inputs(batch, length, heads, head_dim, seed=0, lengths=None):
+    rng = np.random.default_rng(seed)
+    q, k, v = (jnp.asarray(rng.normal(size=(batch, length, heads, head_dim))) for _ in range(3))
+    if lengths is None:
+        lengths = rng.integers(1, length + 1, batch)
+    mask = jnp.asarray(np.arange(length)[None] < np.asarray(lengths)[:, None], jnp.int32)
+    bias = jnp.asarray(rng.normal(size=(1, heads, length, length)), jnp.float32)
+    # Output weights zero on padding queries, as pooling makes them.
+    weights = jnp.asarray(rng.normal(size=q.shape)) * mask[:, :, None, None]
+    return q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), mask, bias, weights
+
+
+def _loss(kernel, rate, mask, weights, q, k, v, bias):
+    key = jax.random.PRNGKey(11)
+    out = layers.attend(q, k, v, mask, bias, dropout_rate=rate, dropout_rng=key, kernel=kernel)
+    return jnp.sum(out * weights)
+
+
+def _value_and_grads(kernel, rate, mask, weights, q, k, v, bias):
+    argnums = (4, 5, 6) if bias is None else (4, 5, 6, 7)
+    return jax.value_and_grad(_loss, argnums=argnums)(kernel, rate, mask, weights, q, k, v, bias)
+
+
+def _assert_close(got, want, value_atol=1e-5):
+    """Losses and gradients equal to float32 rounding (a loss sums ~1e4 terms of
+    size ~1, so its rounding depends on the order of the sum)."""
+    (got_value, got_grads), (want_value, want_grads) = got, want
+    np.testing.assert_allclose(got_value, want_value, rtol=1e-5, atol=value_atol)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize(
+    "batch,length,heads,head_dim,rate,with_bias",
+    [
+        (4, 32, 2, 16, 0.1, True),  # MPNet-like: bias and dropout
+        (3, 16, 3, 16, 0.5, False),  # odd batch: one sequence per backward program
+        (64, 16, 2, 32, 0.1, True),  # several sequences per backward program
+        (4, 64, 2, 16, 0.0, True),  # no dropout; several query blocks per sequence
+    ],
+)
+def test_kernels_equal_xla_attention(batch, length, heads, head_dim, rate, with_bias):
+    q, k, v, mask, bias, weights = _inputs(batch, length, heads, head_dim)
+    bias = bias if with_bias else None
+    want = _value_and_grads("xla", rate, mask, weights, q, k, v, bias)
+    got = _value_and_grads("pallas", rate, mask, weights, q, k, v, bias)
+    _assert_close(got, want)
+
+
+def test_dropout_zeroes_the_drawn_share():
+    """With rate 0.5 about half the probabilities are dropped: the output differs from
+    the one without dropout, and the kept mass per row averages 1."""
+    q, k, v, mask, _, _ = _inputs(8, 32, 2, 16, lengths=[32] * 8)
+    key = jax.random.PRNGKey(0)
+    plain = layers.attend(q, k, v, mask, kernel="pallas")
+    dropped = layers.attend(q, k, v, mask, dropout_rate=0.5, dropout_rng=key, kernel="pallas")
+    assert not np.allclose(plain, dropped)
+    ones = jnp.ones_like(v)  # with v = 1 each output is the kept, rescaled mass of its row
+    mass = layers.attend(q, k, ones, mask, dropout_rate=0.5, dropout_rng=key, kernel="pallas")
+    assert abs(float(mass.mean()) - 1.0) < 0.05
+    assert float(jnp.mean(mass == 0)) < 0.01  # a row loses all its mass almost never
+
+
+def test_fully_padded_sequence_and_unsupported_length():
+    """A row without real tokens attends uniformly, as XLA does (no NaN); a length
+    the kernels do not take (not a power of two) falls back to XLA."""
+    q, k, v, mask, bias, weights = _inputs(3, 16, 2, 16, lengths=[16, 0, 5])
+    want = layers.attend(q, k, v, mask, bias, kernel="xla")
+    got = layers.attend(q, k, v, mask, bias, kernel="pallas")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert not attention_kernel.supports(2, 24, 2, 16)
+    q, k, v, mask, bias, weights = _inputs(2, 24, 2, 16)
+    want = _value_and_grads("xla", 0.1, mask, weights, q, k, v, bias)
+    got = _value_and_grads("pallas", 0.1, mask, weights, q, k, v, bias)
+    _assert_close(got, want)
+
+
+def test_sharded_kernels_equal_one_device():
+    """Under a 4 x 2 mesh each device runs the kernels on its rows (shard_map) and
+    draws its rows' part of the global dropout mask."""
+    q, k, v, mask, bias, weights = _inputs(16, 32, 2, 16, seed=3)
+    want = _value_and_grads("xla", 0.1, mask, weights, q, k, v, bias)
+    mesh = make_mesh(data=4, fsdp=2)
+
+    def sharded(q, k, v, bias, mask, weights):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return _value_and_grads("pallas", 0.1, mask, weights, q, k, v, bias)
+
+    rows = batch_sharding(mesh)
+    placed = [jax.device_put(x, rows) for x in (q, k, v)]
+    step = jax.jit(sharded)
+    got = step(*placed, bias, jax.device_put(mask, rows), jax.device_put(weights, rows))
+    _assert_close(got, want, value_atol=1e-4)  # summed per device, then across devices
+    assert got[1][0].sharding.spec == rows.spec
+    assert "all-gather" not in step.lower(*placed, bias, mask, weights).compile().as_text()
+
+
+def test_encoder_with_kernels_equals_xla_in_training():
+    """A whole MPNet encoder (relative-position bias, packed dense layers) in training
+    mode: the same hidden states and parameter gradients with either kernel."""
+    config = EncoderConfig(
+        model_type="mpnet",
+        vocab_size=64,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=40,
+        pad_token_id=1,
+        type_vocab_size=0,
+        relative_attention_num_buckets=32,
+    )
+    spec = SentenceSpec(pooling="mean", normalize=True)
+    encoders = {k: SentenceEncoder(config, spec, attention_kernel=k) for k in ("xla", "pallas")}
+    params = encoders["xla"].init(jax.random.PRNGKey(0))
+    rng = np.random.default_rng(0)
+    mask = jnp.asarray(np.arange(32)[None] < rng.integers(3, 33, 4)[:, None], jnp.int32)
+    ids = jnp.where(mask == 1, jnp.asarray(rng.integers(3, 64, (4, 32))), 1)
+    (index,) = batch_token_index([np.asarray(mask)], 1, 8)
+    assert index is not None
+
+    def loss(params, encoder):
+        out = encoder.embed(params, ids, mask, token_index=index, dropout_rng=jax.random.PRNGKey(5))
+        return jnp.sum(out * jnp.arange(out.size).reshape(out.shape) / out.size)
+
+    results = {k: jax.value_and_grad(loss)(params, e) for k, e in encoders.items()}
+    np.testing.assert_allclose(results["pallas"][0], results["xla"][0], rtol=1e-5)
+    jax.tree.map(
+        lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6),
+        results["pallas"][1],
+        results["xla"][1],
+    )
+
+
+def test_auto_uses_the_kernels_only_where_measured_faster():
+    assert not layers.use_fused_attention("xla", (8, 128, 12, 64))
+    assert layers.use_fused_attention("pallas", (8, 32, 2, 16))
+    assert not layers.use_fused_attention("pallas", (8, 100, 2, 16))  # not a power of two
+    # This CPU is not a GPU: "auto" keeps XLA; on a GPU it takes head size 64 up to 128 tokens.
+    assert not layers.use_fused_attention("auto", (8, 128, 12, 64))
+    assert attention_kernel.measured_faster(128, 64)
+    assert not attention_kernel.measured_faster(128, 32)
+    with pytest.raises(ValueError, match="attention kernel 'cudnn'"):
+        layers.use_fused_attention("cudnn", (8, 32, 2, 16))
