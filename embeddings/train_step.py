@@ -213,18 +213,28 @@ def _with_embedding_norms(metrics: dict, embs) -> dict:
 def loss_and_grads(
     params, batch, dropout_rng, *, model, loss_config, grad_cache_chunk=0, mesh=None
 ):
-    """Dispatches to the plain or the GradCache computation (same result)."""
-    if grad_cache_chunk:
-        return grad_cache_loss_and_grads(
-            params,
-            batch,
-            dropout_rng,
-            model=model,
-            loss_config=loss_config,
-            chunk=grad_cache_chunk,
-            mesh=mesh,
+    """Dispatches to the plain or the GradCache computation (same result).
+
+    The mesh is put in context so that fused kernels (custom calls, which XLA
+    cannot split) run under shard_map on each device's rows.
+    """
+    in_mesh = contextlib.nullcontext()
+    if mesh is not None:
+        in_mesh = jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+    with in_mesh:
+        if grad_cache_chunk:
+            return grad_cache_loss_and_grads(
+                params,
+                batch,
+                dropout_rng,
+                model=model,
+                loss_config=loss_config,
+                chunk=grad_cache_chunk,
+                mesh=mesh,
+            )
+        return plain_loss_and_grads(
+            params, batch, dropout_rng, model=model, loss_config=loss_config
         )
-    return plain_loss_and_grads(params, batch, dropout_rng, model=model, loss_config=loss_config)
 
 
 def train_step(
@@ -241,21 +251,15 @@ def train_step(
 ):
     """One AdamW update; skipped (and counted) when the gradients are not finite."""
     dropout_rng = jax.random.fold_in(state.rng, state.step) if dropout else None
-    # The mesh in context lets fused kernels (custom calls XLA cannot split) run
-    # under shard_map on each device's rows.
-    in_mesh = contextlib.nullcontext()
-    if mesh is not None:
-        in_mesh = jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
-    with in_mesh:
-        (loss, metrics), grads = loss_and_grads(
-            state.params,
-            batch,
-            dropout_rng,
-            model=model,
-            loss_config=loss_config,
-            grad_cache_chunk=grad_cache_chunk,
-            mesh=mesh,
-        )
+    (loss, metrics), grads = loss_and_grads(
+        state.params,
+        batch,
+        dropout_rng,
+        model=model,
+        loss_config=loss_config,
+        grad_cache_chunk=grad_cache_chunk,
+        mesh=mesh,
+    )
     grad_norm = optax.global_norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

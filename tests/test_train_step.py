@@ -230,21 +230,21 @@ def test_five_adamw_steps_match_pytorch(tiny_bert):
 # ---- Sharding and GradCache: same numbers on any mesh, any chunking ----
 
 
-def _random_setup(rows=16):
+def _random_setup(rows=16, lengths=(12, 20, 20), num_heads=4, attention_kernel="xla"):
     from embeddings.models import EncoderConfig
 
     config = EncoderConfig(
         vocab_size=1000,
         hidden_size=32,
         num_layers=2,
-        num_heads=4,
+        num_heads=num_heads,
         intermediate_size=64,
         max_position_embeddings=64,
     )
-    model = DualEncoder(SentenceEncoder(config, SentenceSpec(pooling="mean", normalize=True)))
+    spec = SentenceSpec(pooling="mean", normalize=True)
+    model = DualEncoder(SentenceEncoder(config, spec, attention_kernel=attention_kernel))
     params = model.init(jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
-    lengths = (12, 20, 20)
     batch = {"input_ids": [], "attention_mask": []}
     for length in lengths:
         ids = rng.integers(5, 1000, size=(rows, length)).astype(np.int32)
@@ -320,6 +320,25 @@ def test_grad_cache_equals_plain_step_at_8_chunks():
     cached8 = _sharded_loss_and_grads(model, params, batch, make_mesh(8, 1), chunk=8)
     assert cached8[0] == pytest.approx(plain[0], rel=1e-6)
     _assert_trees_close(cached8[1], plain[1], rtol=1e-5)
+
+
+@pytest.mark.parametrize("mesh_shape,chunk", [((4, 2), 0), ((8, 1), 8)])
+def test_fused_attention_step_equals_xla_with_dropout(mesh_shape, chunk):
+    """The Pallas attention kernels (interpreted here) in the sharded plain and
+    GradCache steps, dropout on: the loss and gradients of XLA attention on one
+    device (same dropout masks; GradCache draws its own per chunk)."""
+    setup = dict(lengths=(16, 32, 32), num_heads=2)  # shapes the kernels take
+    model, params, batch = _random_setup(**setup)
+    fused, *_ = _random_setup(**setup, attention_kernel="pallas")
+    key = jax.random.PRNGKey(4)
+    one = _sharded_loss_and_grads(
+        model, params, batch, make_mesh(1, 1, jax.devices()[:1]), chunk=chunk, dropout_rng=key
+    )
+    many = _sharded_loss_and_grads(
+        fused, params, batch, make_mesh(*mesh_shape), chunk=chunk, dropout_rng=key
+    )
+    assert many[0] == pytest.approx(one[0], rel=1e-6)
+    _assert_trees_close(many[1], one[1], rtol=1e-5)
 
 
 def test_non_finite_gradients_skip_the_update():
