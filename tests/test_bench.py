@@ -29,7 +29,9 @@ SCRIPTS = {
     "grad_cache": "--batch_size 32 --chunk 8 --plain_batch_size 8 --time_batch_size 16 "
     "--max_length 16 --steps 1 --warmup 0",
     "sharding": "--batch_size 8 --max_length 16 --steps 1 --warmup 0",
+    "attention": "--batch_size 4 --length 16 --heads 2 --head_dim 16 --steps 2 --warmup 1",
 }
+MODEL_FREE = {"attention"}  # scripts without a --model
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +44,12 @@ def launched():
     env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
     processes = {
         script: subprocess.Popen(
-            [sys.executable, str(REPO / "bench" / f"{script}.py"), *TINY, *args.split()],
+            [
+                sys.executable,
+                str(REPO / "bench" / f"{script}.py"),
+                *(["--json"] if script in MODEL_FREE else TINY),
+                *args.split(),
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -117,3 +124,12 @@ def test_sharding(launched):
     assert r["devices"] == 8
     _positive(r["step_seconds"], r["single_device_step_seconds"])
     assert r["ratio"] == pytest.approx(r["step_seconds"] / r["single_device_step_seconds"])
+
+
+def test_attention(launched):
+    r = _result(launched, "attention")
+    assert (r["batch_size"], r["length"], r["heads"], r["head_dim"]) == (4, 16, 2, 16)
+    assert r["interpreted"]  # the Pallas kernels off a GPU
+    _positive(r["xla_forward_ms"], r["pallas_forward_ms"], r["xla_train_ms"], r["pallas_train_ms"])
+    assert r["train_speedup"] == pytest.approx(r["xla_train_ms"] / r["pallas_train_ms"])
+    assert r["gradient_difference"] < 2e-2  # bfloat16 inputs, same dropout masks
