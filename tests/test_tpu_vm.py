@@ -85,8 +85,9 @@ record = {{
     "session_leader": os.getsid(0) == os.getpid(),
     "stdin_is_tty": sys.stdin.isatty(),
 }}
-with open(os.path.join(home, "trainer.json"), "w") as f:
+with open(os.path.join(home, "trainer.json.tmp"), "w") as f:
     json.dump(record, f)
+os.replace(os.path.join(home, "trainer.json.tmp"), os.path.join(home, "trainer.json"))  # whole
 print("fake trainer started", flush=True)
 time.sleep(60)
 """
