@@ -2,13 +2,14 @@
 
     python bench/pipeline_vs_step.py [--json] [--model minilm|tiny|PATH] [--batch_size 64] \
         [--pipeline_batches 100] [--num_batches 6] [--buckets 32,64,128] [--max_length 128] \
-        [--pack_levels 8] [--steps 2] [--warmup 1]
+        [--pack_levels 8] [--workers 0] [--steps 2] [--warmup 1]
 
 - Delivered: `bench/input_pipeline.py`'s measurement, in this process: a fresh
   pipeline on the bundled mixture reads the gzip JSONL files (parsing each as
   it is first drawn), shuffles, mixes, deduplicates, tokenizes with the
-  model's tokenizer and pads to the buckets, on one thread with prefetch off,
-  for --pipeline_batches batches of --batch_size pairs.
+  model's tokenizer and pads to the buckets, with prefetch off, for
+  --pipeline_batches batches of --batch_size pairs; tokenizing and padding in
+  --workers processes (0: in the calling thread).
 - Consumed: our jitted MiniLM training step on one CPU device over
   --num_batches such batches (`bench/padding.py`'s bucketed worker), with
   the dense layers on real tokens only as train.py runs them (--pack_levels,
@@ -46,11 +47,12 @@ def measure(args) -> dict:
         shuffle_buffer=args.shuffle_buffer,
     )
     buckets = padding.parse_buckets(args.buckets)
-    delivered = pipeline_bench.measure(pipeline_args, load_tokenizer(folder), buckets)
-
-    step_args = argparse.Namespace(
-        **{k: v for k, v in vars(args).items() if k not in ("pipeline_batches", "shuffle_buffer")}
+    delivered = pipeline_bench.measure(
+        pipeline_args, load_tokenizer(folder), buckets, workers=args.workers
     )
+
+    skip = ("pipeline_batches", "shuffle_buffer", "workers")  # pipeline-only arguments
+    step_args = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in skip})
     worker = _timing.worker_args(PADDING_SCRIPT, step_args, serve="buckets", model=str(folder))
     step = _timing.alternate_processes(
         {"step": (worker, None)}, steps=args.steps, warmup=args.warmup
@@ -64,6 +66,7 @@ def measure(args) -> dict:
         "buckets": list(buckets),
         "max_length": args.max_length,
         "pack_levels": args.pack_levels,
+        "workers": args.workers,
         "pipeline_pairs_per_second": delivered["pairs_per_second"],
         "step_pairs_per_second": step_pairs,
         "ratio": delivered["pairs_per_second"] / step_pairs,
@@ -83,6 +86,9 @@ def main() -> None:
     parser.add_argument("--pipeline_batches", type=int, default=100, help="batches timed")
     parser.add_argument("--pack_levels", type=int, default=8, help="step: packing levels, 0 = off")
     parser.add_argument("--shuffle_buffer", type=int, default=100_000, help="lines per chunk")
+    parser.add_argument(
+        "--workers", type=int, default=0, help="pipeline worker processes (config.data.workers)"
+    )
     args = parser.parse_args()
     r = measure(args)
     print(
@@ -91,7 +97,7 @@ def main() -> None:
         f"{r['cpu']} ({r['cores']} cores)\n"
     )
     _timing.print_table(
-        ["pipeline pairs/s (1 thread)", "step pairs/s", "ratio"],
+        [f"pipeline pairs/s ({r['workers']} workers)", "step pairs/s", "ratio"],
         [
             [
                 f"{r['pipeline_pairs_per_second']:,.0f}",

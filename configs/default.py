@@ -45,6 +45,10 @@ def get_config() -> ml_collections.ConfigDict:
             skip_duplicates=True,  # skip an example whose text already appears in the batch
             max_bad_line_share=0.01,  # stop if a dataset's malformed-line share passes this
             prefetch=4,  # batches prepared ahead in a background thread
+            # Processes that tokenize and pad while the background thread only mixes
+            # (one core each); 0 = the thread does it all. Same batches for any value.
+            # A GPU or TPU host feeding a small model fast wants several.
+            workers=0,
         )
     )
 

@@ -49,6 +49,7 @@ def validate(config: ml_collections.ConfigDict, *, process_count: int = 1) -> No
         )
     for key in ("max_length_anchor", "max_length_document"):
         _positive(f"data.{key}", d[key])
+    _positive("data.workers", d.workers, allow_zero=True)
     if d.buckets and max(d.buckets) < max(d.max_length_anchor, d.max_length_document):
         raise ConfigError(
             f"config.data.buckets={tuple(d.buckets)} stop below the max lengths "

@@ -193,6 +193,59 @@ def test_resume_gives_the_identical_continuation(tmp_path):
                     assert_same_batches(next(second), expected)
 
 
+def test_worker_processes_give_the_same_batches_states_and_resumes(tmp_path):
+    datasets = [(synthetic_rows(0, 13), 1, {}), (varied_rows(1, 37), 2, {})]
+    settings = dict(batch_size=8, shuffle_buffer=16, prefetch=2)
+    cuts = (0, 7, 23)
+    with make_pipeline(tmp_path, datasets, **settings) as pipeline:
+        reference, states = [], {}
+        for k in range(30):
+            if k in cuts:
+                states[k] = pipeline.get_state()
+            reference.append(next(pipeline))
+        stats = pipeline.stats()
+    with make_pipeline(tmp_path, datasets, workers=2, **settings) as pooled:
+        for k in range(30):
+            if k in cuts:
+                time.sleep(0.05)  # let the thread and the workers run ahead
+                assert pooled.get_state() == states[k]
+            assert_same_batches(next(pooled), reference[k])
+        assert pooled.stats() == stats
+        pooled.set_state(states[7])  # back, with batches in flight
+        for k in range(7, 12):
+            assert_same_batches(next(pooled), reference[k])
+    settings["prefetch"] = 0
+    with make_pipeline(tmp_path, datasets, workers=3, **settings) as resumed:
+        resumed.set_state(json.loads(json.dumps(states[23])))
+        for k in range(23, 30):
+            assert_same_batches(next(resumed), reference[k])
+
+
+def test_worker_errors_reach_the_caller_in_order(tmp_path):
+    import multiprocessing
+
+    rows = synthetic_rows(0, 40)
+    rows[25] = "{broken json"
+    settings = dict(max_bad_line_share=0.0, min_lines_for_bad_share=1, shuffle_buffer=8)
+    delivered = {}
+    for workers in (0, 2):
+        with make_pipeline(tmp_path, [(rows, 1, {})], workers=workers, **settings) as pipeline:
+            delivered[workers] = 0
+            with pytest.raises(MalformedDataError, match=r"d0.jsonl:26: invalid JSON"):
+                for _ in range(10):
+                    next(pipeline)
+                    delivered[workers] += 1
+    assert delivered[2] == delivered[0] > 0  # the lookahead does not raise early
+
+    with make_pipeline(tmp_path, [(synthetic_rows(0, 40), 1, {})], workers=2) as pipeline:
+        next(pipeline)
+        for child in multiprocessing.active_children():
+            child.kill()
+        with pytest.raises(RuntimeError, match=r"worker process .*config.data.workers=2.* died"):
+            for _ in range(10):
+                next(pipeline)
+
+
 def test_multi_host_resume_from_the_states_of_all_processes(tmp_path):
     datasets = [(synthetic_rows(0, 21), 1, {}), (synthetic_rows(1, 33), 1, {})]
     settings = dict(batch_size=8, shuffle_buffer=8, process_count=2)
@@ -316,6 +369,7 @@ def tiny_config(**data) -> ml_collections.ConfigDict:
             skip_duplicates=True,
             max_bad_line_share=0.01,
             prefetch=2,
+            workers=0,
         )
         | data
     )

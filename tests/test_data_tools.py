@@ -111,12 +111,15 @@ def test_the_bundled_sts_pairs_are_the_benchmark_train_rows_scored_4_or_more():
 
 
 def test_bench_prints_a_table_and_json():
-    out = run_script("bench/input_pipeline.py", "--num_batches=2", "--batch_size=64", "--json")
+    out = run_script(
+        "bench/input_pipeline.py", "--num_batches=2", "--batch_size=64", "--workers=0,1", "--json"
+    )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
-    assert any(line.startswith("| buckets (32, 64, 128) |") for line in lines)
+    assert any(line.startswith("| buckets (32, 64, 128) | 1 |") for line in lines)
     result = json.loads(lines[-1])
-    assert [r["buckets"] for r in result["results"]] == [[32, 64, 128], []]
+    assert [r["buckets"] for r in result["results"]] == [[32, 64, 128], [32, 64, 128], []]
+    assert [r["workers"] for r in result["results"]] == [0, 1, 0]
     for r in result["results"]:
         assert r["pairs_per_second"] > 0 and r["tokens_per_second"] > 0
     assert result["padding_share_buckets"] < result["padding_share_max_length"]

@@ -3,11 +3,14 @@
 Grain's thread prefetch runs the batch iterator in a background thread, keeps
 the iterator state that belongs to every prepared batch, and re-raises a
 failure of the thread in the caller. The state handed out is the one of the
-last batch the caller received, not of what the thread prepared ahead.
+last batch the caller received, not of what the thread prepared ahead. With
+`workers`, the thread only mixes, and worker processes tokenize and pad
+(`workers.py`).
 """
 
 from __future__ import annotations
 
+import collections
 import copy
 import logging
 import os
@@ -23,6 +26,7 @@ from embeddings.data.mixer import Mixer
 from embeddings.data.readers import Layout, infer_row_spec, make_source
 from embeddings.data.shuffle import ShuffledStream
 from embeddings.data.tokenize import BatchTokenizer, Collator
+from embeddings.data.workers import CollatorPool
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +36,12 @@ MIN_LINES_FOR_BAD_SHARE = 1000
 
 
 class _Batches:
-    """The checkpointable iterator that the prefetch thread runs: mix, tokenize, count."""
+    """The checkpointable iterator that the prefetch thread runs: mix, tokenize, count.
+
+    With a `CollatorPool`, mixing runs `pool.depth` batches ahead of what was
+    handed out, so the streams' states are kept with every batch in flight and
+    `get_state()` reports those of the last batch handed out.
+    """
 
     def __init__(
         self,
@@ -41,12 +50,16 @@ class _Batches:
         streams: Sequence[ShuffledStream],
         names: Sequence[str],
         settings: dict[str, Any],
+        pool: CollatorPool | None = None,
     ):
         self._mixer = mixer
         self._collator = collator
         self._streams = streams
         self._names = list(names)
         self._settings = settings
+        self._pool = pool
+        self._pending: collections.deque = collections.deque()  # (future, mixed, stream states)
+        self._stream_states: list[dict[str, Any]] | None = None  # None: the live streams'
         self._step = 0
         self._counters = self._zero_counters()
 
@@ -64,8 +77,17 @@ class _Batches:
         return self
 
     def __next__(self) -> dict[str, Any]:
-        mixed = self._mixer.next_batch(self._step)
-        batch, tokens = self._collator(mixed.rows, mixed.layout)
+        if self._pool is None:
+            mixed = self._mixer.next_batch(self._step)
+            batch, tokens = self._collator(mixed.rows, mixed.layout)
+        else:
+            self._fill()
+            future, mixed, states = self._pending.popleft()
+            if future is None:  # mixing failed at this batch
+                self._pending.clear()
+                raise mixed
+            batch, tokens = self._pool.result(future)
+            self._stream_states = states
         counters = self._counters
         for dataset, _ in mixed.rows:
             counters["examples"][dataset] += 1
@@ -81,17 +103,42 @@ class _Batches:
         self._step += 1
         return batch
 
+    def _fill(self) -> None:
+        """Mixes and submits batches until `pool.depth` are in flight. A mixing error
+        is queued in its batch's place, so the batches before it still come out."""
+        while len(self._pending) < self._pool.depth and (
+            not self._pending or self._pending[-1][0] is not None
+        ):
+            try:
+                mixed = self._mixer.next_batch(self._step + len(self._pending))
+            except Exception as error:  # raised when its turn comes
+                self._pending.append((None, error, None))
+                return
+            states = [stream.get_state() for stream in self._streams]
+            self._pending.append((self._pool.submit(mixed.rows, mixed.layout), mixed, states))
+
+    def _drop_pending(self) -> None:
+        for future, _, _ in self._pending:
+            if future is not None:
+                future.cancel()
+        self._pending.clear()
+
     def get_state(self) -> dict[str, Any]:
         return {
             "version": STATE_VERSION,
             "step": self._step,
             "settings": dict(self._settings),
             "datasets": [
-                {"name": name, **stream.get_state()}
-                for name, stream in zip(self._names, self._streams, strict=True)
+                {"name": name, **state}
+                for name, state in zip(self._names, self._current_stream_states(), strict=True)
             ],
             "counters": copy.deepcopy(self._counters),
         }
+
+    def _current_stream_states(self) -> list[dict[str, Any]]:
+        if self._stream_states is not None:
+            return copy.deepcopy(self._stream_states)
+        return [stream.get_state() for stream in self._streams]
 
     def set_state(self, state: dict[str, Any]) -> None:
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
@@ -119,12 +166,17 @@ class _Batches:
                 f"({len(names)} datasets, first difference at "
                 f"{_first_difference(names, self._names)}); resume with the same data_config."
             )
+        self._drop_pending()
         for stream, saved_stream in zip(self._streams, state["datasets"], strict=True):
             stream.set_state(saved_stream)
+        self._stream_states = None
         self._step = int(state["step"])
         self._counters = copy.deepcopy(state["counters"])
 
     def close(self) -> None:
+        self._drop_pending()
+        if self._pool is not None:
+            self._pool.close()
         for stream in self._streams:
             stream.close()
 
@@ -156,6 +208,10 @@ class InputPipeline:
       skip_duplicates: skip an example whose text is already in the (local) batch.
       max_bad_line_share: stop when a dataset's malformed-line share passes this.
       prefetch: batches prepared ahead in a background thread; 0 = none.
+      workers: processes that tokenize and pad, each on one core, while the
+        background thread (or, with prefetch 0, the caller) only mixes; 0 = none,
+        the thread does it all (with the tokenizer's own threads). Any value
+        gives the same batches and states.
       seed: seeds the dataset choice and every shuffle.
       process_index: this process (jax.process_index()).
       process_count: number of processes (jax.process_count()).
@@ -181,6 +237,7 @@ class InputPipeline:
         skip_duplicates: bool = True,
         max_bad_line_share: float = 0.01,
         prefetch: int = 4,
+        workers: int = 0,
         seed: int = 0,
         process_index: int = 0,
         process_count: int = 1,
@@ -195,6 +252,7 @@ class InputPipeline:
             shuffle_buffer=shuffle_buffer,
             max_bad_line_share=max_bad_line_share,
             prefetch=prefetch,
+            workers=workers,
             seed=seed,
             process_index=process_index,
             process_count=process_count,
@@ -253,7 +311,8 @@ class InputPipeline:
             process_index=process_index,
             process_count=process_count,
         )
-        self._batches = _Batches(mixer, collator, self._streams, names, settings)
+        pool = CollatorPool(collator, workers) if workers else None
+        self._batches = _Batches(mixer, collator, self._streams, names, settings, pool)
         self._iterator = ThreadPrefetchDatasetIterator(self._batches, prefetch)
         self._closed = False
         self._log_mixture(mixer)
@@ -385,7 +444,8 @@ def _check_settings(**s) -> None:
     for key in ("max_length_anchor", "max_length_document"):
         if s[key] < 2:
             raise ValueError(f"{key} must be >= 2 (room for the special tokens), got {s[key]}.")
-    for key, low in (("shuffle_buffer", 1), ("prefetch", 0), ("seed", 0), ("process_count", 1)):
+    lows = {"shuffle_buffer": 1, "prefetch": 0, "workers": 0, "seed": 0, "process_count": 1}
+    for key, low in lows.items():
         value = s[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{key} must be an integer >= {low}, got {value!r}.")
@@ -429,6 +489,7 @@ _CONFIG_KEYS = (
     "skip_duplicates",
     "max_bad_line_share",
     "prefetch",
+    "workers",
 )
 
 
@@ -439,7 +500,7 @@ def build_pipeline(
 
     Reads config.data_folder, config.data_config, config.batch_size (global), config.seed
     and config.data.{datasets_per_batch, max_length_anchor, max_length_document, buckets,
-    shuffle_buffer, skip_duplicates, max_bad_line_share, prefetch}.
+    shuffle_buffer, skip_duplicates, max_bad_line_share, prefetch, workers}.
     """
     missing = [k for k in ("data_folder", "data_config", "batch_size", "seed") if k not in config]
     if "data" not in config:
