@@ -246,6 +246,46 @@ def test_worker_errors_reach_the_caller_in_order(tmp_path):
                 next(pipeline)
 
 
+_ORPHAN_SCRIPT = """
+import multiprocessing, pathlib, sys, time
+sys.path[:0] = [{tests!r}, {repo!r}]
+from test_data_support import make_pipeline, synthetic_rows
+
+if __name__ == "__main__":
+    rows = synthetic_rows(0, 40)
+    pipeline = make_pipeline(pathlib.Path({folder!r}), [(rows, 1, {{}})], workers=2)
+    next(pipeline)
+    print(*[child.pid for child in multiprocessing.active_children()], flush=True)
+    time.sleep(600)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie is gone, unreaped
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads process states from /proc")
+def test_workers_exit_when_the_trainer_is_killed(tmp_path):
+    script = tmp_path / "owner.py"
+    tests = os.path.dirname(os.path.abspath(__file__))
+    script.write_text(_ORPHAN_SCRIPT.format(tests=tests, repo=str(REPO), folder=str(tmp_path)))
+    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        children = [int(pid) for pid in owner.stdout.readline().split()]
+    finally:
+        owner.kill()
+        owner.wait()
+    assert len(children) >= 2  # the two workers (and the resource tracker, if listed)
+    deadline = time.time() + 20
+    while any(map(_alive, children)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(map(_alive, children)), "worker processes outlived the killed pipeline"
+
+
 def test_multi_host_resume_from_the_states_of_all_processes(tmp_path):
     datasets = [(synthetic_rows(0, 21), 1, {}), (synthetic_rows(1, 33), 1, {})]
     settings = dict(batch_size=8, shuffle_buffer=8, process_count=2)

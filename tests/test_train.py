@@ -93,9 +93,13 @@ def test_tiny_run_writes_checkpoints_metrics_and_run_files(tmp_path):
 
 
 def test_killed_run_resumes_exactly(tmp_path):
-    """SIGKILL at a random step, restart: same batches (losses) and same final parameters."""
+    """SIGKILL at a random step, restart: same batches (losses) and same final parameters.
+
+    The interrupted run tokenizes in worker processes (config.data.workers), the
+    straight one in its prefetch thread: the batches must not depend on it."""
     steps = ["--config.total_steps=12", "--config.log_every=1", "--config.checkpoint_every=3"]
     _train(tmp_path / "straight", *steps)
+    steps.append("--config.data.workers=2")
 
     interrupted = tmp_path / "interrupted"
     kill_after = random.Random(os.getpid()).randint(4, 10)

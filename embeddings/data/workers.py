@@ -9,15 +9,23 @@ the results back in submission order: the batches are the same for any number
 of workers.
 
 Workers are started with "spawn" (forking a process that runs JAX is unsafe),
-and each tokenizes on one core: the pool is the parallelism, so the Rust
-tokenizer's own thread pool is turned off in the workers instead of
-oversubscribing the host's cores.
+so a script that builds a pipeline with workers needs the usual
+`if __name__ == "__main__":` guard (train.py has it). Each worker tokenizes
+on one core: the pool is the parallelism, so the Rust tokenizer's own thread
+pool is turned off in the workers instead of oversubscribing the host's
+cores. Workers ignore SIGINT and SIGTERM (a Ctrl-C or a preemption notice
+sent to the whole process group is the trainer's to handle: it saves a
+checkpoint and closes the pool) and exit as soon as their parent does, even
+when the parent is killed (SIGKILL, out of memory), so no orphans hold memory.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.connection
 import os
+import signal
+import threading
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
@@ -34,7 +42,18 @@ _collator: Collator | None = None  # the worker process's own copy
 def _start_worker(collator: Collator) -> None:
     global _collator
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _collator = collator
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_with, args=(parent.sentinel,), daemon=True).start()
+
+
+def _exit_with(parent_sentinel) -> None:
+    """Ends this worker when its parent process ends, however it ended."""
+    multiprocessing.connection.wait([parent_sentinel])
+    os._exit(1)
 
 
 def _collate(rows: list[tuple[int, Example]], layout: Layout):
