@@ -81,15 +81,15 @@ class CollatorPool:
         )
 
     def submit(self, rows: list[tuple[int, Example]], layout: Layout) -> Future:
-        """Starts collating one mixed batch; `result()` of the returned future gives
-        what `Collator.__call__` returns."""
+        """Starts collating one mixed batch; pass the future to `result`."""
         try:
             return self._executor.submit(_collate, rows, layout)
         except BrokenProcessPool as e:
             raise self._broken() from e
 
     def result(self, future: Future) -> tuple[dict[str, Any], list[tuple[int, int, int]]]:
-        """The collated batch of a `submit` future (re-raises a worker's error)."""
+        """What `Collator.__call__` returned for a `submit` future (waits; re-raises
+        a worker's error)."""
         try:
             return future.result()
         except BrokenProcessPool as e:
