@@ -59,6 +59,7 @@ class _Batches:
         self._settings = settings
         self._pool = pool
         self._pending: collections.deque = collections.deque()  # (future, mixed, stream states)
+        self._mix_error: Exception | None = None  # raised after the batches in flight
         self._stream_states: list[dict[str, Any]] | None = None  # None: the live streams'
         self._step = 0
         self._counters = self._zero_counters()
@@ -82,10 +83,10 @@ class _Batches:
             batch, tokens = self._collator(mixed.rows, mixed.layout)
         else:
             self._fill()
+            if not self._pending:  # mixing failed at this batch
+                error, self._mix_error = self._mix_error, None
+                raise error
             future, mixed, states = self._pending.popleft()
-            if future is None:  # mixing failed at this batch
-                self._pending.clear()
-                raise mixed
             batch, tokens = self._pool.result(future)
             self._stream_states = states
         counters = self._counters
@@ -105,23 +106,21 @@ class _Batches:
 
     def _fill(self) -> None:
         """Mixes and submits batches until `pool.depth` are in flight. A mixing error
-        is queued in its batch's place, so the batches before it still come out."""
-        while len(self._pending) < self._pool.depth and (
-            not self._pending or self._pending[-1][0] is not None
-        ):
+        stops the mixing and is raised once the batches before it came out."""
+        while self._mix_error is None and len(self._pending) < self._pool.depth:
             try:
                 mixed = self._mixer.next_batch(self._step + len(self._pending))
             except Exception as error:  # raised when its turn comes
-                self._pending.append((None, error, None))
+                self._mix_error = error
                 return
             states = [stream.get_state() for stream in self._streams]
             self._pending.append((self._pool.submit(mixed.rows, mixed.layout), mixed, states))
 
     def _drop_pending(self) -> None:
         for future, _, _ in self._pending:
-            if future is not None:
-                future.cancel()
+            future.cancel()
         self._pending.clear()
+        self._mix_error = None
 
     def get_state(self) -> dict[str, Any]:
         return {
@@ -137,7 +136,7 @@ class _Batches:
 
     def _current_stream_states(self) -> list[dict[str, Any]]:
         if self._stream_states is not None:
-            return copy.deepcopy(self._stream_states)
+            return self._stream_states  # get_state() copies each into a new dict
         return [stream.get_state() for stream in self._streams]
 
     def set_state(self, state: dict[str, Any]) -> None:
