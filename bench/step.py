@@ -166,6 +166,15 @@ def full_length_batch(config, args) -> dict:
     return {"input_ids": ids, "attention_mask": tuple(np.ones(shape, np.int32) for _ in ids)}
 
 
+def host_batch(args, folder) -> dict:
+    """The batch both sides step on: --batch_size Debian pairs tokenized with the
+    model's tokenizer (--max_length, --padding), or --full_length random ids."""
+    if args.full_length:
+        return full_length_batch(load_pretrained(str(folder)).config, args)
+    pairs = sample_pairs(args.batch_size)
+    return tokenize_pairs(load_tokenizer(folder), pairs, args.max_length, args.padding)
+
+
 def training_config(grad_cache_chunk: int = 0):
     """configs/default.py's training recipe, without false-negative masking (the
     reference has none, and it needs text hashes the bench batches do not carry)."""
@@ -289,11 +298,7 @@ class ReferenceStep:
 def serve(args) -> None:
     """Worker process: builds one side (--serve ours|reference) and runs steps on request."""
     folder = model_dir(args.model)
-    if args.full_length:
-        host = full_length_batch(load_pretrained(str(folder)).config, args)
-    else:
-        pairs = sample_pairs(args.batch_size)
-        host = tokenize_pairs(load_tokenizer(folder), pairs, args.max_length, args.padding)
+    host = host_batch(args, folder)
     real = sum(int(m.sum()) for m in host["attention_mask"])
     facts = {"padding_share": 1 - real / sum(m.size for m in host["attention_mask"])}
     if args.serve == "ours":
@@ -394,9 +399,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="last line: one JSON object")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_model_args(parser)
+def add_batch_args(parser: argparse.ArgumentParser) -> None:
+    """--batch_size, --max_length, --pack_levels, --attention_kernel, --full_length,
+    --padding: the batch and step settings of our side (bench/step_profile.py shares them)."""
     parser.add_argument("--batch_size", type=int, default=64, help="pairs per step")
     parser.add_argument("--max_length", type=int, default=128, help="tokens per text (padded)")
     parser.add_argument(
@@ -422,6 +427,12 @@ def main() -> None:
         choices=("max_length", "longest"),
         help="both sides: pad every column to --max_length, or to its longest text",
     )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_model_args(parser)
+    add_batch_args(parser)
     parser.add_argument("--serve", choices=("ours", "reference"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:

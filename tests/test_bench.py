@@ -30,6 +30,7 @@ SCRIPTS = {
     "--max_length 16 --steps 1 --warmup 0",
     "sharding": "--batch_size 8 --max_length 16 --steps 1 --warmup 0",
     "attention": "--batch_size 4 --length 16 --heads 2 --head_dim 16 --steps 2 --warmup 1",
+    "step_profile": "--batch_size 8 --max_length 16 --steps 2 --warmup 1 --trace_steps 2",
 }
 MODEL_FREE = {"attention"}  # scripts without a --model
 
@@ -133,3 +134,19 @@ def test_attention(launched):
     _positive(r["xla_forward_ms"], r["pallas_forward_ms"], r["xla_train_ms"], r["pallas_train_ms"])
     assert r["train_speedup"] == pytest.approx(r["xla_train_ms"] / r["pallas_train_ms"])
     assert r["gradient_difference"] < 2e-2  # bfloat16 inputs, same dropout masks
+
+
+def test_step_profile(launched):
+    r = _result(launched, "step_profile")
+    assert (r["batch_size"], r["max_length"], r["trace_steps"]) == (8, 16, 2)
+    assert r["step_seconds"] == pytest.approx(statistics.median(r["step_times"]))
+    assert r["pairs_per_second"] == pytest.approx(8 / r["step_seconds"])
+    by_kind = r["by_kind"]
+    assert sum(sum(p.values()) for p in by_kind.values()) == pytest.approx(r["traced_ms_per_step"])
+    # The dense layers and attention matmuls, forward and backward; no Pallas kernel on a CPU.
+    assert by_kind["matmul"]["forward"] > 0 and by_kind["matmul"]["backward"] > 0
+    assert by_kind["fused kernel"] == {"forward": 0, "backward": 0, "update": 0}
+    assert by_kind["elementwise"]["update"] > 0  # clipping and AdamW
+    sources = " ".join(s["source"] for s in r["by_source"])
+    assert "(layers.py:" in sources and "(step_profile.py:" not in sources
+    assert r["top_ops"][0]["ms_per_step"] >= r["top_ops"][-1]["ms_per_step"] > 0
