@@ -150,3 +150,35 @@ def test_step_profile(launched):
     sources = " ".join(s["source"] for s in r["by_source"])
     assert "(layers.py:" in sources and "(step_profile.py:" not in sources
     assert r["top_ops"][0]["ms_per_step"] >= r["top_ops"][-1]["ms_per_step"] > 0
+
+
+def test_gpu_suite_runs_its_rows_and_collects_their_json(tmp_path):
+    """bench/gpu_suite.sh's plumbing on the CPU (SUITE_QUICK=1): random weights drawn
+    for weightless skeletons, each row's last-line JSON collected, an unknown row named."""
+    from hf_tiny import make_tiny_sentence_transformer
+
+    from bench import random_model
+
+    models = tmp_path / "prepared" / "models"
+    for model_type, name in (("mpnet", "all-mpnet-base-v2"), ("bert", "all-MiniLM-L6-v2")):
+        source = make_tiny_sentence_transformer(model_type, tmp_path)
+        random_model.build(source, models / name, weights=False, seed=0)
+    out = tmp_path / "out"
+    env = {**os.environ, "SUITE_QUICK": "1", "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+    suite = [str(REPO / "bench" / "gpu_suite.sh"), str(tmp_path / "prepared"), str(out)]
+    done = subprocess.run(
+        ["bash", *suite, "attention", "pipeline", "nonsense"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    log = (out / "suite.log").read_text()
+    assert done.returncode == 0, done.stdout + log[-3000:]
+    assert (models / "all-mpnet-base-v2" / "model.safetensors").is_file()
+    assert (models / "all-MiniLM-L6-v2" / "model.safetensors").is_file()
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["row"] for r in rows] == ["attention", "pipeline"]
+    assert rows[0]["interpreted"] and rows[1]["batch_size"] == 64
+    assert "unknown row nonsense" in done.stdout
+    assert done.stdout.splitlines()[-1].startswith("pipeline {")
