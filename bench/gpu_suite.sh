@@ -13,6 +13,8 @@
 #   mpnet_vs_st    MPNet-base bf16 256 Debian pairs, packed, vs sentence-transformers
 #   pipeline       input pipeline alone at batch 1024 with 0, 4, 8, 12 workers
 #   minilm_profile MiniLM-L6 bf16 256 Debian pairs, packed: where the time goes
+#   attention_ncu  Nsight Compute's speed-of-light and compute/memory sections of the two
+#                  Pallas attention kernels (output in suite.log; skipped without ncu)
 # SUITE_SECONDS (default 540) bounds the whole run: a row gets what is left if that is
 # less than its own limit, and is skipped under 30 s. SUITE_QUICK=1 shrinks every shape
 # (a smoke run on a CPU).
@@ -20,7 +22,7 @@ set -u
 cd "$(dirname "$0")/.."
 prepared=$1 out=$2
 shift 2
-rows=${*:-mpnet_profile mpnet_cublas attention mpnet_vs_st pipeline minilm_profile}
+rows=${*:-mpnet_profile mpnet_cublas attention mpnet_vs_st pipeline minilm_profile attention_ncu}
 budget=${SUITE_SECONDS:-540}
 mkdir -p "$out"
 log=$out/suite.log
@@ -97,6 +99,14 @@ for name in $rows; do
   minilm_profile)
     row "$name" 80 python3 bench/step_profile.py --model "$minilm" --dtype bfloat16 \
       --trace_steps 3 --top 15 $big --json ;;
+  attention_ncu)
+    if command -v ncu >/dev/null; then
+      row "$name" 120 ncu --target-processes all --kernel-name regex:attention \
+        --launch-count 2 --section SpeedOfLight --section ComputeWorkloadAnalysis \
+        --section MemoryWorkloadAnalysis python3 bench/attention.py $attention --steps 1 --warmup 0
+    else
+      echo "--- $name: skipped, no ncu on this machine" | tee -a "$log"
+    fi ;;
   *) echo "--- unknown row $name" | tee -a "$log" ;;
   esac
 done
