@@ -233,7 +233,8 @@ def _tables(lines: list[str]) -> dict[str, dict[int, str]]:
 def kind(members: Iterable[Instruction]) -> str:
     """What an op is: a "matmul" (it holds a dot or a GEMM library call), a "fused
     kernel" (a Triton or Mosaic custom call: the Pallas kernels), a "collective",
-    a "copy" (layout only), else "elementwise" (XLA's loop and reduction fusions)."""
+    a "copy" (a copy, transpose, or a fusion of nothing else: layout only), else
+    "elementwise" (XLA's loop and reduction fusions)."""
     members = list(members)
     opcodes = {i.opcode for i in members}
     targets = " ".join(i.target.lower() for i in members)
@@ -243,7 +244,7 @@ def kind(members: Iterable[Instruction]) -> str:
         return "matmul"
     if re.search(r"triton|mosaic|pallas", targets):
         return "fused kernel"
-    if opcodes <= {"copy", "transpose", *_BOOKKEEPING}:
+    if opcodes - {"fusion"} <= {"copy", "transpose", *_BOOKKEEPING}:
         return "copy"
     return "elementwise"
 

@@ -97,7 +97,8 @@ def test_summary_adds_up_per_step(traced):
 
 
 # A GPU-shaped module: a library GEMM, a Triton GEMM fusion, a Pallas kernel, an
-# all-reduce, a layout copy, a LayerNorm-like loop fusion in the backward pass
+# all-reduce, a layout copy and a transpose fusion, a LayerNorm-like loop fusion
+# in the backward pass
 # and a while loop whose body's op is traced on its own.
 GPU_HLO = """\
 HloModule jit_train_step, is_scheduled=true
@@ -134,6 +135,11 @@ StackFrames
   ROOT %dot.2 = bf16[8,4]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}, metadata={op_name="jit(train_step)/jvp()/dot_general" stack_frame_id=3}
 }
 
+%fused_transpose (param_0.2: bf16[8,4]) -> bf16[4,8] {
+  %param_0.2 = bf16[8,4]{1,0} parameter(0)
+  ROOT %transpose.1 = bf16[4,8]{1,0} transpose(%param_0.2), dimensions={1,0}
+}
+
 %body (state: (s32[], f32[4])) -> (s32[], f32[4]) {
   %state = (s32[], f32[4]{0}) parameter(0)
   %i = s32[] get-tuple-element(%state), index=0
@@ -158,6 +164,7 @@ ENTRY %main.9 (x: bf16[8,4], w: bf16[4,4], s: (s32[], f32[4])) -> bf16[8,4] {
   %copy.7 = bf16[8,4]{0,1} copy(%x)
   %loop_fusion.8 = bf16[8,4]{1,0} fusion(%x), kind=kLoop, calls=%fused_norm, metadata={op_name="jit(train_step)/transpose(jvp())/add_any" stack_frame_id=3}
   %while.9 = (s32[], f32[4]{0}) while(%s), condition=%cond, body=%body
+  %transpose_fusion.10 = bf16[4,8]{1,0} fusion(%x), kind=kLoop, calls=%fused_transpose
   ROOT %out = bf16[8,4]{1,0} add(%gemm_fusion.4, %loop_fusion.8)
 }
 """
@@ -188,6 +195,7 @@ KERNEL_US = {
     "loop_fusion.8": 6.0,
     "step.3": 1.5,
     "while.9": 0.5,
+    "transpose_fusion.10": 3.0,
 }
 GPU_TRACE = {
     "traceEvents": [
@@ -225,6 +233,7 @@ def test_gpu_ops_get_their_kind_pass_and_source():
         "pallas.5": "fused kernel",
         "all-reduce.6": "collective",
         "copy.7": "copy",
+        "transpose_fusion.10": "copy",  # a fusion that only lays data out
         "loop_fusion.8": "elementwise",
         "step.3": "elementwise",
     }
@@ -238,6 +247,7 @@ def test_gpu_ops_get_their_kind_pass_and_source():
     assert ops["loop_fusion.8"].source == ops["gemm_fusion.4"].source == layer
     assert ops["step.3"].source == "train_step (train_step.py:254)"
     assert ops["copy.7"].source == "[copy]"  # no metadata: its opcode
+    assert ops["transpose_fusion.10"].source == "[fusion]"
     assert ops["all-reduce.6"].source == "[psum]"
 
     summary = _hlo_trace.summarise(list(ops.values()), steps=2)
