@@ -164,8 +164,9 @@ class HloModule:
         frames = {}
         for key, fields in tables.get("StackFrames", {}).items():
             values = dict(re.findall(r"(\w+)=(\d+)", fields))
-            # The text prints frame ids from 1 and a parent as (its id - 1) + 1 of
-            # the 0-based proto index: parent_frame_id=p is frame p - 1, 0 none.
+            # In the text a frame's parent_frame_id is its parent's printed id + 1
+            # (1 or 0 at a root): p names frame p - 1. tests/test_hlo_trace.py
+            # checks the chain against the Python stack that traced a function.
             parent = int(values.get("parent_frame_id", 0)) - 1
             frames[key] = (int(values.get("file_location_id", 0)), max(parent, 0))
         instructions: dict[str, Instruction] = {}
