@@ -230,6 +230,11 @@ class OurStep:
             batch = dict(batch, token_index=index)
         return jax.device_put(batch, batch_sharding(self.mesh))
 
+    def hlo_text(self, batch: dict) -> str:
+        """The compiled (optimised) HLO of the step for this batch's shapes; the
+        executable is cached, so the next call with such a batch does not compile."""
+        return self._step.lower(self.state, batch).compile().as_text()
+
     def __call__(self, batch: dict) -> dict:
         """One update; returns when it is done, with its metrics."""
         self.state, metrics = self._step(self.state, batch)

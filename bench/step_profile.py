@@ -52,7 +52,7 @@ def measure(args, trace_dir: pathlib.Path) -> dict:
         folder, dtype=args.dtype, devices=jax.devices()[:1], attention_kernel=args.attention_kernel
     )
     batch = ours.device_batch(host, args.pack_levels)
-    hlo = ours._step.lower(ours.state, batch).compile().as_text()
+    hlo = ours.hlo_text(batch)
     (trace_dir / "train_step.hlo.txt").write_text(hlo)
     for _ in range(args.warmup):
         ours(batch)
