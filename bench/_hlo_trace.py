@@ -314,13 +314,8 @@ def find_trace(directory: str | pathlib.Path) -> pathlib.Path:
     return found[-1]
 
 
-def op_times(trace: Mapping, module: str) -> dict[str, float]:
-    """Total microseconds of each op of HLO module `module` in `trace`.
-
-    On a device (processes named "/device:..."), only the kernel events of its
-    "Stream" threads count when it has any (a trace may repeat the ops on
-    derived lines such as "XLA Ops"); on a CPU, every event that names an op.
-    """
+def _events_and_names(trace) -> tuple[list, dict, dict]:
+    """A trace's events, its process names by pid and thread names by (pid, tid)."""
     events = trace["traceEvents"] if isinstance(trace, Mapping) else trace
     processes, threads = {}, {}
     for event in events:
@@ -330,6 +325,29 @@ def op_times(trace: Mapping, module: str) -> dict[str, float]:
             processes[event.get("pid")] = event["args"]["name"]
         elif event.get("name") == "thread_name":
             threads[(event.get("pid"), event.get("tid"))] = event["args"]["name"]
+    return events, processes, threads
+
+
+def op_lines(trace: Mapping) -> dict[str, int]:
+    """How many events name an HLO op on each "process / thread" line of `trace`:
+    what to look at when `op_times` finds nothing or counts an op twice."""
+    events, processes, threads = _events_and_names(trace)
+    lines: dict[str, int] = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and "hlo_op" in e.get("args", {}):
+            key = (e.get("pid"), e.get("tid"))
+            lines[f"{processes.get(key[0], key[0])} / {threads.get(key, key[1])}"] += 1
+    return dict(lines)
+
+
+def op_times(trace: Mapping, module: str) -> dict[str, float]:
+    """Total microseconds of each op of HLO module `module` in `trace`.
+
+    On a device (processes named "/device:..."), only the kernel events of its
+    "Stream" threads count when it has any (a trace may repeat the ops on
+    derived lines such as "XLA Ops"); on a CPU, every event that names an op.
+    """
+    events, processes, threads = _events_and_names(trace)
     named = [
         e
         for e in events

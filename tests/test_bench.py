@@ -150,6 +150,7 @@ def test_step_profile(launched):
     sources = " ".join(s["source"] for s in r["by_source"])
     assert "(layers.py:" in sources and "(step_profile.py:" not in sources
     assert r["top_ops"][0]["ms_per_step"] >= r["top_ops"][-1]["ms_per_step"] > 0
+    assert all(line.startswith("/host:CPU / ") for line in r["trace_lines"])
 
 
 def test_gpu_suite_runs_its_rows_and_collects_their_json(tmp_path):

@@ -219,6 +219,12 @@ def test_device_stream_kernels_are_counted_once():
     module = _hlo_trace.HloModule.parse(GPU_HLO)
     times = _hlo_trace.op_times(GPU_TRACE, module.name)
     assert times == {**KERNEL_US, "cublas-gemm.1": 44.0}
+    # The lines a reader would check: every event that names an op, any module.
+    assert _hlo_trace.op_lines(GPU_TRACE) == {
+        "/host:CPU / 3": len(KERNEL_US),  # a thread without a name: its id
+        "/device:GPU:0 / XLA Ops": len(KERNEL_US),
+        "/device:GPU:0 / Stream #13(Compute)": len(KERNEL_US) + 2,
+    }
 
 
 def test_gpu_ops_get_their_kind_pass_and_source():
