@@ -175,7 +175,7 @@ class HloModule:
         for line in lines:
             if current is None:
                 match = _COMPUTATION.match(line)
-                if match and not line.startswith(_TABLES):
+                if match:
                     current = computations.setdefault(match.group(1), [])
                 continue
             if line.startswith("}"):
@@ -226,7 +226,7 @@ def _tables(lines: list[str]) -> dict[str, dict[int, str]]:
             current[int(key)] = value
         elif line.strip() == "":
             current = None
-        elif current is None and not line.startswith(_TABLES):
+        elif current is None:
             break
     return tables
 
