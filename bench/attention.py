@@ -2,6 +2,7 @@
 
     python bench/attention.py [--batch_size 512] [--length 128] [--heads 12] \
         [--head_dim 64] [--dtype bfloat16] [--rate 0.1] [--no_bias] [--steps 20] [--json]
+    python bench/attention.py --sweep [--sweep_max N] ...   # the kernels' tilings
 
 Times `layers.attend` on random [batch, length, heads, head_dim] inputs with a
 random key-padding mask, MPNet's [heads, length, length] bias (unless
@@ -13,6 +14,12 @@ two sides' gradients, relative to the largest gradient. The defaults are one
 layer of MPNet-base at 256 pairs x 128 tokens (both columns). Off a GPU the
 Pallas kernels run interpreted, so their time there means nothing
 (`"interpreted": true` in the JSON).
+
+`--sweep` times the Pallas kernels alone under each tiling of
+`FORWARD_SWEEP` (forward pass) and `BACKWARD_SWEEP` (forward + backward, the
+forward at its default), the default first on each side, and reports the
+fastest; each row is printed as soon as it is timed, so a run cut short still
+tells what it measured.
 """
 
 from __future__ import annotations
@@ -30,8 +37,26 @@ import numpy as np
 
 from bench import _timing
 from embeddings.models import layers
+from embeddings.models.attention_kernel import Tiling, attention
+from embeddings.models.dropout import seed_words
 
 KERNELS = ("xla", "pallas")
+# What --sweep varies, one kernel at a time (the other keeps its default). Left
+# out: tilings that ptxas reports spilling registers for sm_90 at head size 64
+# (forward 128-row blocks with 4 warps; backward 64-row blocks, or 4 or 16 warps:
+# the backward program keeps a whole sequence's key and value gradients in
+# registers).
+FORWARD_SWEEP = [
+    {"forward_block": block, "forward_warps": warps, "forward_stages": stages}
+    for block, warps in ((64, 4), (32, 4), (32, 8), (64, 8), (128, 8))
+    for stages in (1, 2)
+]
+BACKWARD_SWEEP = [
+    {"backward_block": block, "backward_programs_per_head": programs, "backward_stages": stages}
+    for block in (32, 16)
+    for programs in (32, 16, 64, 128)
+    for stages in (1, 2)
+]
 
 
 def inputs(args) -> dict:
@@ -101,6 +126,72 @@ def measure(args) -> dict:
     }
 
 
+def _tiling_label(fields: dict) -> str:
+    return ", ".join(f"{name}={value}" for name, value in fields.items())
+
+
+def sweep(args) -> dict:
+    """Times the Pallas kernels under each tiling of FORWARD_SWEEP and BACKWARD_SWEEP."""
+    data = inputs(args)
+    interpret = jax.default_backend() != "gpu"
+    seed = seed_words(jax.random.PRNGKey(0))
+
+    def functions_for(tiling: Tiling):
+        def loss(q, k, v, bias, mask, weights):
+            out = attention(
+                q,
+                k,
+                v,
+                mask,
+                None if bias is None else bias[0],
+                seed,
+                rate=args.rate,
+                interpret=interpret,
+                tiling=tiling,
+            )
+            return jnp.sum(out.astype(jnp.float32) * weights)
+
+        return jax.jit(loss), jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+
+    rows = []
+    print("| kernel | tiling | ms |\n|---|---|---:|", flush=True)
+    for side, variants, timed in (
+        ("forward", FORWARD_SWEEP, 0),
+        ("backward", BACKWARD_SWEEP, 1),  # timed with its forward pass: "train" ms
+    ):
+        for fields in variants[: args.sweep_max or None]:
+            fn = functions_for(Tiling(**fields))[timed]
+            times = []
+            for i in range(args.warmup + args.steps):
+                start = time.perf_counter()
+                jax.block_until_ready(fn(*data.values()))
+                if i >= args.warmup:
+                    times.append(time.perf_counter() - start)
+            ms = _timing.median(times) * 1e3
+            rows.append({"kernel": side, **fields, "ms": ms})
+            print(f"| {side} | {_tiling_label(fields)} | {ms:.3f} |", flush=True)
+    best, ms = {}, {}
+    for side, timed in (("forward", "forward"), ("backward", "train")):
+        mine = [r for r in rows if r["kernel"] == side]
+        fastest = min(mine, key=lambda r: r["ms"])
+        best.update({k: v for k, v in fastest.items() if k not in ("kernel", "ms")})
+        ms[f"default_{timed}_ms"], ms[f"best_{timed}_ms"] = mine[0]["ms"], fastest["ms"]
+    return {
+        "benchmark": "attention_sweep",
+        **{key: getattr(args, key) for key in ("batch_size", "length", "heads", "head_dim")},
+        "dtype": args.dtype,
+        "rate": args.rate,
+        "bias": not args.no_bias,
+        "steps": args.steps,
+        "rows": rows,
+        "best": best,  # the fastest forward and backward tilings, as Tiling's fields
+        **ms,
+        "interpreted": interpret,
+        **_timing.jax_facts(),
+        **_timing.machine(),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch_size", type=int, default=512, help="sequences")
@@ -113,7 +204,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed calls per side")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls first (compile)")
     parser.add_argument("--json", action="store_true", help="last line: one JSON object")
+    parser.add_argument("--sweep", action="store_true", help="time the kernels' tilings")
+    parser.add_argument("--sweep_max", type=int, default=0, help="tilings per kernel (0 = all)")
     args = parser.parse_args()
+    if args.sweep:
+        r = sweep(args)
+        print(
+            f"\nfastest: {_tiling_label(r['best'])} (forward {r['default_forward_ms']:.3f} "
+            f"-> {r['best_forward_ms']:.3f} ms, forward + backward "
+            f"{r['default_train_ms']:.3f} -> {r['best_train_ms']:.3f} ms)"
+        )
+        if args.json:
+            _timing.print_json(r)
+        return
     r = measure(args)
     shape = f"{r['batch_size']} x {r['length']} tokens x {r['heads']} heads x {r['head_dim']}"
     note = " (Pallas interpreted: not a GPU)" if r["interpreted"] else ""

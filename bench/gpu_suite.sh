@@ -10,6 +10,8 @@
 #   mpnet_profile  MPNet-base bf16 256 x 128 full length: ms/step, MFU, where the time goes
 #   mpnet_cublas   the same with XLA's Triton GEMMs off (cuBLAS for every matmul)
 #   attention      fused vs XLA attention alone (bench/attention.py)
+#   attention_sweep the fused kernels' tilings (bench/attention.py --sweep; each tiling's
+#                  time is in suite.log as soon as it is measured)
 #   mpnet_vs_st    MPNet-base bf16 256 Debian pairs, packed, vs sentence-transformers
 #   pipeline       input pipeline alone at batch 1024 with 0, 4, 8, 12 workers
 #   minilm_profile MiniLM-L6 bf16 256 Debian pairs, packed: where the time goes
@@ -22,7 +24,8 @@ set -u
 cd "$(dirname "$0")/.."
 prepared=$1 out=$2
 shift 2
-rows=${*:-mpnet_profile mpnet_cublas attention mpnet_vs_st pipeline minilm_profile attention_ncu}
+rows=${*:-mpnet_profile attention_sweep attention mpnet_cublas mpnet_vs_st pipeline minilm_profile \
+  attention_ncu}
 budget=${SUITE_SECONDS:-540}
 mkdir -p "$out"
 log=$out/suite.log
@@ -50,10 +53,12 @@ done
 if [ "${SUITE_QUICK:-0}" = 1 ]; then
   big="--batch_size 8 --max_length 16 --steps 2 --warmup 1"
   attention="--batch_size 4 --length 16 --heads 2 --head_dim 16 --steps 2 --warmup 1"
+  sweep="--sweep_max 2"
   pipeline="--batch_size 64 --num_batches 2 --workers 0,2"
 else
   big="--batch_size 256 --max_length 128 --steps 10 --warmup 3"
   attention=""
+  sweep="--steps 10 --warmup 2"
   pipeline="--batch_size 1024 --num_batches 20 --workers 0,4,8,12"
 fi
 
@@ -92,6 +97,8 @@ for name in $rows; do
       --trace_steps 2 --top 10 $big --json ;;
   attention)
     row "$name" 60 python3 bench/attention.py $attention --json ;;
+  attention_sweep)
+    row "$name" 150 python3 bench/attention.py --sweep $attention $sweep --json ;;
   mpnet_vs_st)
     row "$name" 160 python3 bench/step.py --model "$mpnet" --dtype bfloat16 $big --json ;;
   pipeline)
@@ -116,9 +123,12 @@ import json, sys
 for line in open(sys.argv[1]):
     r = json.loads(line)
     keys = ("step_seconds", "pairs_per_second", "reference_pairs_per_second", "speedup", "mfu",
-            "traced_ms_per_step", "train_speedup")
+            "traced_ms_per_step", "train_speedup", "default_forward_ms", "best_forward_ms",
+            "default_train_ms", "best_train_ms")
     summary = {k: round(r[k], 4) for k in keys if isinstance(r.get(k), (int, float))}
     for mode in r.get("results", []) if isinstance(r.get("results"), list) else []:
         summary[f"{mode['padding']}, {mode['workers']} workers"] = round(mode["pairs_per_second"])
+    if isinstance(r.get("best"), dict):
+        summary["best tiling"] = r["best"]
     print(r["row"], summary)
 PY

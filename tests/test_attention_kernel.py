@@ -67,6 +67,71 @@ def test_kernels_equal_xla_attention(batch, length, heads, head_dim, rate, with_
     _assert_close(got, want)
 
 
+@pytest.mark.parametrize(
+    "tiling",
+    [
+        attention_kernel.Tiling(forward_block=16, backward_block=64, backward_programs_per_head=2),
+        attention_kernel.Tiling(
+            forward_block=128, backward_block=16, backward_programs_per_head=1, forward_warps=8
+        ),
+        attention_kernel.Tiling(backward_programs_per_head=64, forward_stages=2, backward_stages=3),
+    ],
+)
+def test_every_tiling_gives_xla_attention(tiling):
+    """The tiling moves work between programs (query blocks of 16 to the whole
+    sequence, 1 to 8 sequences per backward program); the numbers stay XLA's."""
+    q, k, v, mask, bias, weights = _inputs(8, 64, 2, 16)
+    seed = layers.seed_words(jax.random.PRNGKey(11))
+
+    def loss(q, k, v, bias):
+        out = attention_kernel.attention(
+            q, k, v, mask, bias[0], seed, rate=0.1, interpret=True, tiling=tiling
+        )
+        return jnp.sum(out * weights)
+
+    got = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(q, k, v, bias)
+    _assert_close(got, _value_and_grads("xla", 0.1, mask, weights, q, k, v, bias))
+
+
+def _pallas_calls(jaxpr) -> list:
+    """(grid, num_warps, num_stages) of each Pallas call in a jaxpr, nested ones too."""
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            params = eqn.params["compiler_params"]
+            out.append((eqn.params["grid_mapping"].grid, params.num_warps, params.num_stages))
+        for value in eqn.params.values():
+            inner = getattr(value, "jaxpr", value)
+            if isinstance(inner, jax.extend.core.Jaxpr):
+                out += _pallas_calls(inner)
+    return out
+
+
+def test_tiling_reaches_the_kernels():
+    """8 sequences x 64 tokens x 2 heads: 16-row forward blocks make 4 programs per
+    sequence and head; 2 backward programs per head take 4 sequences each."""
+    q = jnp.zeros((8, 64, 2, 16))
+    mask = jnp.ones((8, 64), jnp.int32)
+    tiling = attention_kernel.Tiling(
+        forward_block=16, backward_programs_per_head=2, backward_warps=2, backward_stages=2
+    )
+
+    def loss(q):
+        return jnp.sum(attention_kernel.attention(q, q, q, mask, interpret=True, tiling=tiling))
+
+    calls = _pallas_calls(jax.make_jaxpr(jax.grad(loss))(q).jaxpr)
+    assert calls == [((8, 2, 4), 4, 1), ((2, 2), 2, 2)]
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("forward_block", 8), ("backward_block", 48), ("backward_warps", 3), ("forward_stages", 0)],
+)
+def test_tiling_refuses_what_triton_cannot_tile(field, value):
+    with pytest.raises(ValueError, match=f"Tiling.{field}={value}"):
+        attention_kernel.Tiling(**{field: value})
+
+
 def test_dropout_zeroes_the_drawn_share():
     """With rate 0.5 about half the probabilities are dropped: the output differs from
     the one without dropout, and the kept mass per row averages 1."""

@@ -6,6 +6,7 @@ ratios are recomputed here from the raw numbers the script also reports. The
 timings themselves are meaningless at these sizes and are not judged.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -15,6 +16,8 @@ import subprocess
 import sys
 
 import pytest
+
+from embeddings.models import attention_kernel
 
 pytestmark = pytest.mark.slow  # ~11 worker processes, each importing JAX and compiling a step
 
@@ -31,8 +34,11 @@ SCRIPTS = {
     "sharding": "--batch_size 8 --max_length 16 --steps 1 --warmup 0",
     "attention": "--batch_size 4 --length 16 --heads 2 --head_dim 16 --steps 2 --warmup 1",
     "step_profile": "--batch_size 8 --max_length 16 --steps 2 --warmup 1 --trace_steps 2",
+    "attention_sweep": "--sweep --sweep_max 2 --batch_size 4 --length 16 --heads 2 "
+    "--head_dim 16 --steps 2 --warmup 1",
 }
-MODEL_FREE = {"attention"}  # scripts without a --model
+SCRIPT_OF = {"attention_sweep": "attention"}  # rows that run another row's script
+MODEL_FREE = {"attention", "attention_sweep"}  # scripts without a --model
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +53,7 @@ def launched():
         script: subprocess.Popen(
             [
                 sys.executable,
-                str(REPO / "bench" / f"{script}.py"),
+                str(REPO / "bench" / f"{SCRIPT_OF.get(script, script)}.py"),
                 *(["--json"] if script in MODEL_FREE else TINY),
                 *args.split(),
             ],
@@ -136,6 +142,23 @@ def test_attention(launched):
     assert r["gradient_difference"] < 2e-2  # bfloat16 inputs, same dropout masks
 
 
+def test_attention_sweep(launched):
+    """Two tilings per kernel, the default first; the fastest of each side is `best`."""
+    r = _result(launched, "attention_sweep")
+    rows = r["rows"]
+    assert [row["kernel"] for row in rows] == ["forward", "forward", "backward", "backward"]
+    defaults = dataclasses.asdict(attention_kernel.Tiling())
+    for side, timed in (("forward", "forward"), ("backward", "train")):
+        mine = [row for row in rows if row["kernel"] == side]
+        _positive(*(row["ms"] for row in mine))
+        assert all(defaults[k] == v for k, v in mine[0].items() if k not in ("kernel", "ms"))
+        assert r[f"default_{timed}_ms"] == mine[0]["ms"]
+        fastest = min(mine, key=lambda row: row["ms"])
+        assert r[f"best_{timed}_ms"] == fastest["ms"]
+        assert all(r["best"][k] == v for k, v in fastest.items() if k not in ("kernel", "ms"))
+    attention_kernel.Tiling(**r["best"])  # a tiling the kernels take
+
+
 def test_step_profile(launched):
     r = _result(launched, "step_profile")
     assert (r["batch_size"], r["max_length"], r["trace_steps"]) == (8, 16, 2)
@@ -168,7 +191,7 @@ def test_gpu_suite_runs_its_rows_and_collects_their_json(tmp_path):
     env = {**os.environ, "SUITE_QUICK": "1", "XLA_FLAGS": "--xla_backend_optimization_level=0"}
     suite = [str(REPO / "bench" / "gpu_suite.sh"), str(tmp_path / "prepared"), str(out)]
     done = subprocess.run(
-        ["bash", *suite, "attention", "pipeline", "nonsense"],
+        ["bash", *suite, "attention", "attention_sweep", "pipeline", "nonsense"],
         capture_output=True,
         text=True,
         env=env,
@@ -179,7 +202,9 @@ def test_gpu_suite_runs_its_rows_and_collects_their_json(tmp_path):
     assert (models / "all-mpnet-base-v2" / "model.safetensors").is_file()
     assert (models / "all-MiniLM-L6-v2" / "model.safetensors").is_file()
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert [r["row"] for r in rows] == ["attention", "pipeline"]
-    assert rows[0]["interpreted"] and rows[1]["batch_size"] == 64
+    assert [r["row"] for r in rows] == ["attention", "attention_sweep", "pipeline"]
+    assert rows[0]["interpreted"] and rows[2]["batch_size"] == 64
+    assert len(rows[1]["rows"]) == 4  # two tilings per kernel (SUITE_QUICK)
     assert "unknown row nonsense" in done.stdout
+    assert "'best tiling': {'forward_block'" in done.stdout
     assert done.stdout.splitlines()[-1].startswith("pipeline {")

@@ -24,6 +24,7 @@ that is how the tests check them against the XLA path on a CPU).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -34,15 +35,6 @@ from jax.experimental.pallas import triton as plgpu
 
 from embeddings.models.dropout import hashable, keep_from_counter
 
-# Query rows per program: a [block, L] float32 tile of logits, probabilities and
-# their gradients stays in registers.
-FORWARD_BLOCK = 64
-BACKWARD_BLOCK = 32
-# Programs of the backward pass, per head: each loops over B / this many sequences
-# and accumulates the bias gradient of its share in its own [L, L] block.
-BACKWARD_PROGRAMS_PER_HEAD = 32
-FORWARD_WARPS = 4
-BACKWARD_WARPS = 8
 MAX_LENGTH = 512
 # Where the kernels were measured faster than XLA (see `measured_faster`).
 FAST_HEAD_DIMS = (64,)
@@ -51,6 +43,46 @@ FAST_MAX_LENGTH = 128
 
 def _power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    """How the kernels split their work; the results do not depend on it.
+
+    The defaults were the fastest of those timed on an H100 (MPNet-base shapes:
+    512 sequences x 128 tokens x 12 heads x 64); `bench/attention.py --sweep`
+    times others.
+
+    Attributes:
+        forward_block: Query rows per forward program; its [block, L] float32 tile
+            of logits and probabilities stays in registers.
+        backward_block: Query rows per step of a backward program's loop.
+        backward_programs_per_head: Backward programs per head, at most: each
+            loops over its share of the batch's sequences and accumulates the
+            bias gradient of its share in its own [L, L] block (fewer programs,
+            less to sum afterwards; more, more parallel work).
+        forward_warps, backward_warps: Warps per program.
+        forward_stages, backward_stages: Triton's software-pipelining stages.
+    """
+
+    forward_block: int = 64
+    backward_block: int = 32
+    backward_programs_per_head: int = 32
+    forward_warps: int = 4
+    backward_warps: int = 8
+    forward_stages: int = 1
+    backward_stages: int = 1
+
+    def __post_init__(self):
+        for name in ("forward_block", "backward_block"):
+            if not (_power_of_two(getattr(self, name)) and getattr(self, name) >= 16):
+                raise ValueError(f"Tiling.{name}={getattr(self, name)}: use a power of two >= 16.")
+        for name in ("forward_warps", "backward_warps", "backward_programs_per_head"):
+            if not _power_of_two(getattr(self, name)):
+                raise ValueError(f"Tiling.{name}={getattr(self, name)}: use a power of two.")
+        for name in ("forward_stages", "backward_stages"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"Tiling.{name}={getattr(self, name)}: use 1 or more.")
 
 
 def supports(batch: int, length: int, heads: int, head_dim: int) -> bool:
@@ -158,13 +190,9 @@ def _backward_kernel(*refs, scale, rate, heads, length, block, per_program, has_
     jax.lax.fori_loop(0, per_program, sequence, 0)
 
 
-def _compiler_params(num_warps: int):
-    return plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
-
-
-def _forward(q, k, v, mask, bias, seed, rate, interpret):
+def _forward(q, k, v, mask, bias, seed, rate, interpret, tiling):
     batch, length, heads, head_dim = q.shape
-    block = min(FORWARD_BLOCK, length)
+    block = min(tiling.forward_block, length)
     has_bias = bias is not None
     seq = pl.BlockSpec((None, length, None, head_dim), lambda b, h, i: (b, 0, h, 0))
     in_specs = [
@@ -200,25 +228,27 @@ def _forward(q, k, v, mask, bias, seed, rate, interpret):
             jax.ShapeDtypeStruct(q.shape, q.dtype),
             jax.ShapeDtypeStruct((batch, heads, length), jnp.float32),
         ],
-        compiler_params=_compiler_params(FORWARD_WARPS),
+        compiler_params=plgpu.CompilerParams(
+            num_warps=tiling.forward_warps, num_stages=tiling.forward_stages
+        ),
         interpret=interpret,
         name="attention_forward",
     )(*operands)
 
 
-def _sequences_per_program(batch: int, heads: int) -> int:
-    """The largest power of two dividing `batch` that leaves at least
-    BACKWARD_PROGRAMS_PER_HEAD programs per head (1 if none)."""
+def _sequences_per_program(batch: int, programs: int) -> int:
+    """The largest power of two dividing `batch` that leaves at least `programs`
+    programs per head (1 if none)."""
     n = 1
-    while batch % (2 * n) == 0 and batch // (2 * n) >= BACKWARD_PROGRAMS_PER_HEAD:
+    while batch % (2 * n) == 0 and batch // (2 * n) >= programs:
         n *= 2
     return n
 
 
-def _backward(q, k, v, mask, bias, seed, out, lse, dout, rate, interpret):
+def _backward(q, k, v, mask, bias, seed, out, lse, dout, rate, interpret, tiling):
     batch, length, heads, head_dim = q.shape
-    block = min(BACKWARD_BLOCK, length)
-    per_program = _sequences_per_program(batch, heads)
+    block = min(tiling.backward_block, length)
+    per_program = _sequences_per_program(batch, tiling.backward_programs_per_head)
     has_bias = bias is not None
     delta = jnp.einsum(
         "btnh,btnh->bnt", out.astype(jnp.float32), dout.astype(jnp.float32)
@@ -255,7 +285,9 @@ def _backward(q, k, v, mask, bias, seed, out, lse, dout, rate, interpret):
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=_compiler_params(BACKWARD_WARPS),
+        compiler_params=plgpu.CompilerParams(
+            num_warps=tiling.backward_warps, num_stages=tiling.backward_stages
+        ),
         interpret=interpret,
         name="attention_backward",
     )(*operands)
@@ -264,26 +296,40 @@ def _backward(q, k, v, mask, bias, seed, out, lse, dout, rate, interpret):
     return dq, dk, dv, dbias
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _attention(q, k, v, mask, bias, seed, rate, interpret):
-    return _forward(q, k, v, mask, bias, seed, rate, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _attention(q, k, v, mask, bias, seed, rate, interpret, tiling):
+    return _forward(q, k, v, mask, bias, seed, rate, interpret, tiling)[0]
 
 
-def _attention_fwd(q, k, v, mask, bias, seed, rate, interpret):
-    out, lse = _forward(q, k, v, mask, bias, seed, rate, interpret)
+def _attention_fwd(q, k, v, mask, bias, seed, rate, interpret, tiling):
+    out, lse = _forward(q, k, v, mask, bias, seed, rate, interpret, tiling)
     return out, (q, k, v, mask, bias, seed, out, lse)
 
 
-def _attention_bwd(rate, interpret, residuals, dout):
+def _attention_bwd(rate, interpret, tiling, residuals, dout):
     q, k, v, mask, bias, seed, out, lse = residuals
-    dq, dk, dv, dbias = _backward(q, k, v, mask, bias, seed, out, lse, dout, rate, interpret)
+    dq, dk, dv, dbias = _backward(
+        q, k, v, mask, bias, seed, out, lse, dout, rate, interpret, tiling
+    )
     return dq, dk, dv, None, dbias, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def attention(q, k, v, mask, bias=None, seed=None, *, rate=0.0, batch_offset=0, interpret=False):
+def attention(
+    q,
+    k,
+    v,
+    mask,
+    bias=None,
+    seed=None,
+    *,
+    rate=0.0,
+    batch_offset=0,
+    interpret=False,
+    tiling: Tiling | None = None,
+):
     """Multi-head self-attention with optional bias and dropout, fused.
 
     Args:
@@ -295,6 +341,7 @@ def attention(q, k, v, mask, bias=None, seed=None, *, rate=0.0, batch_offset=0, 
         batch_offset: Row of the global batch that row 0 of `q` is (a sharded call
             draws its rows' part of the global mask).
         interpret: Run the kernels as plain JAX (any backend).
+        tiling: How the kernels split the work (speed only); None for `Tiling()`.
 
     Returns:
         [B, L, heads, head_dim] in the dtype of `v`.
@@ -304,4 +351,5 @@ def attention(q, k, v, mask, bias=None, seed=None, *, rate=0.0, batch_offset=0, 
     offset = jnp.asarray(batch_offset).astype(jnp.uint32)
     words = jnp.concatenate([seed.astype(jnp.uint32), jnp.stack([offset, jnp.uint32(0)])])
     mask = (mask != 0).astype(jnp.int32)
-    return _attention(q, k, v, mask, bias, words, float(rate), interpret)
+    tiling = Tiling() if tiling is None else tiling
+    return _attention(q, k, v, mask, bias, words, float(rate), interpret, tiling)
