@@ -78,6 +78,7 @@ class Instruction:
     op_name: str  # JAX's name stack of the primitive, "" without metadata
     frame: int  # stack frame id (1-based), 0 without one
     source: tuple[str, int] | None  # (file, line) of older HLO metadata without frames
+    text: str = ""  # everything after "name = ": result type, opcode, operands, attributes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +130,7 @@ def _parse_instruction(name: str, rest: str) -> Instruction:
         op_name=op_name.group(1) if op_name else "",
         frame=int(frame.group(1)) if frame else 0,
         source=(source.group(1), int(source.group(2))) if source else None,
+        text=rest,
     )
 
 
@@ -139,6 +141,7 @@ class HloModule:
     name: str
     instructions: dict[str, Instruction]
     computations: dict[str, list[str]]  # computation -> its instructions' names
+    entry: str  # the ENTRY computation's name
     frames: dict[int, tuple[int, int]]  # frame id -> (location id, parent frame id, 0 = none)
     locations: dict[int, Frame]
 
@@ -172,11 +175,13 @@ class HloModule:
         instructions: dict[str, Instruction] = {}
         computations: dict[str, list[str]] = {}
         current: list[str] | None = None
+        entry = ""
         for line in lines:
             if current is None:
                 match = _COMPUTATION.match(line)
                 if match:
                     current = computations.setdefault(match.group(1), [])
+                    entry = match.group(1) if line.startswith("ENTRY") else entry
                 continue
             if line.startswith("}"):
                 current = None
@@ -186,7 +191,7 @@ class HloModule:
                 instruction = _parse_instruction(match.group(1), match.group(2))
                 instructions[instruction.name] = instruction
                 current.append(instruction.name)
-        return cls(header.group(1), instructions, computations, frames, locations)
+        return cls(header.group(1), instructions, computations, entry, frames, locations)
 
     def members(self, name: str) -> list[Instruction]:
         """The instruction and every instruction of the computations it runs, recursively."""
