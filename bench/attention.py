@@ -43,19 +43,33 @@ from embeddings.models.dropout import seed_words
 KERNELS = ("xla", "pallas")
 # What --sweep varies, one kernel at a time (the other keeps its default). Left
 # out: tilings that ptxas reports spilling registers for sm_90 at head size 64
-# (forward 128-row blocks with 4 warps; backward 64-row blocks, or 4 or 16 warps:
-# the backward program keeps a whole sequence's key and value gradients in
-# registers).
+# (forward 128-row blocks with 4 warps; one-kernel backward with 64-row blocks,
+# or 4 or 16 warps: its programs keep a whole sequence's key and value gradients
+# in registers). The split backward (`Tiling.backward_key_block`) needs 98-128
+# registers with 8 warps, so an SM holds two of its programs where it holds one
+# of the one-kernel backward's 255.
 FORWARD_SWEEP = [
     {"forward_block": block, "forward_warps": warps, "forward_stages": stages}
     for block, warps in ((64, 4), (32, 4), (32, 8), (64, 8), (128, 8))
     for stages in (1, 2)
 ]
+_SPLIT = {"backward_key_block": 64, "query_gradient_block": 32, "query_gradient_warps": 8}
 BACKWARD_SWEEP = [
-    {"backward_block": block, "backward_programs_per_head": programs, "backward_stages": stages}
-    for block in (32, 16)
-    for programs in (32, 16, 64, 128)
-    for stages in (1, 2)
+    {},  # the default: one kernel, 32-row blocks, 32 programs per head, 8 warps
+    {"backward_stages": 2},
+    {"backward_block": 16},
+    {"backward_programs_per_head": 64},
+    {"backward_programs_per_head": 16},
+    _SPLIT,
+    {**_SPLIT, "query_gradient_block": 64, "query_gradient_warps": 4},
+    {**_SPLIT, "query_gradient_warps": 4},
+    {**_SPLIT, "backward_block": 16},
+    {**_SPLIT, "backward_key_block": 32},
+    {**_SPLIT, "backward_key_block": 32, "backward_warps": 4},
+    {**_SPLIT, "backward_programs_per_head": 64},
+    {**_SPLIT, "backward_programs_per_head": 16},
+    {**_SPLIT, "backward_stages": 2},
+    {**_SPLIT, "backward_key_block": 128},
 ]
 
 
@@ -127,7 +141,7 @@ def measure(args) -> dict:
 
 
 def _tiling_label(fields: dict) -> str:
-    return ", ".join(f"{name}={value}" for name, value in fields.items())
+    return ", ".join(f"{name}={value}" for name, value in fields.items()) or "default"
 
 
 def sweep(args) -> dict:

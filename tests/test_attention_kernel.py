@@ -75,11 +75,18 @@ def test_kernels_equal_xla_attention(batch, length, heads, head_dim, rate, with_
             forward_block=128, backward_block=16, backward_programs_per_head=1, forward_warps=8
         ),
         attention_kernel.Tiling(backward_programs_per_head=64, forward_stages=2, backward_stages=3),
+        # The split backward: key blocks of 16 and 32 (4 and 2 per sequence), the
+        # query gradient from its own kernel; and a key block longer than the
+        # sequence (one per sequence).
+        attention_kernel.Tiling(backward_key_block=16, backward_programs_per_head=2),
+        attention_kernel.Tiling(backward_key_block=32, backward_block=16, query_gradient_block=16),
+        attention_kernel.Tiling(backward_key_block=128, query_gradient_block=128),
     ],
 )
 def test_every_tiling_gives_xla_attention(tiling):
     """The tiling moves work between programs (query blocks of 16 to the whole
-    sequence, 1 to 8 sequences per backward program); the numbers stay XLA's."""
+    sequence, 1 to 8 sequences per backward program, key blocks of 16 to the
+    whole sequence); the numbers stay XLA's."""
     q, k, v, mask, bias, weights = _inputs(8, 64, 2, 16)
     seed = layers.seed_words(jax.random.PRNGKey(11))
 
@@ -91,6 +98,38 @@ def test_every_tiling_gives_xla_attention(tiling):
 
     got = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(q, k, v, bias)
     _assert_close(got, _value_and_grads("xla", 0.1, mask, weights, q, k, v, bias))
+
+
+def test_split_backward_draws_the_rows_of_its_batch_offset():
+    """Rows 4-7 run alone with batch_offset=4 (as one device of a mesh runs them)
+    get the outputs and q/k/v gradients those rows get in the whole batch: both
+    backward kernels draw the dropout mask of their global rows."""
+    q, k, v, mask, bias, weights = _inputs(8, 32, 2, 16)
+    seed = layers.seed_words(jax.random.PRNGKey(3))
+    tiling = attention_kernel.Tiling(backward_key_block=16, backward_programs_per_head=2)
+
+    def loss(q, k, v, mask, weights, offset):
+        out = attention_kernel.attention(
+            q,
+            k,
+            v,
+            mask,
+            bias[0],
+            seed,
+            rate=0.3,
+            batch_offset=offset,
+            interpret=True,
+            tiling=tiling,
+        )
+        return jnp.sum(out * weights)
+
+    grads = jax.grad(loss, argnums=(0, 1, 2))
+    whole = grads(q, k, v, mask, weights, 0)
+    part = grads(q[4:], k[4:], v[4:], mask[4:], weights[4:], 4)
+    for got, want in zip(part, whole, strict=True):
+        np.testing.assert_allclose(got, want[4:], rtol=1e-5, atol=2e-5)
+    shifted = grads(q[4:], k[4:], v[4:], mask[4:], weights[4:], 0)  # other rows' mask
+    assert not np.allclose(shifted[0], whole[0][4:], atol=1e-3)
 
 
 def _pallas_calls(jaxpr) -> list:
@@ -120,12 +159,29 @@ def test_tiling_reaches_the_kernels():
         return jnp.sum(attention_kernel.attention(q, q, q, mask, interpret=True, tiling=tiling))
 
     calls = _pallas_calls(jax.make_jaxpr(jax.grad(loss))(q).jaxpr)
-    assert calls == [((8, 2, 4), 4, 1), ((2, 2), 2, 2)]
+    assert calls == [((8, 2, 4), 4, 1), ((2, 2, 1), 2, 2)]
+    # Split: key blocks of 32 make 2 key-value programs per head and batch share;
+    # the query gradient kernel takes 32-row blocks, 2 per sequence and head.
+    tiling = attention_kernel.Tiling(
+        backward_key_block=32,
+        backward_programs_per_head=2,
+        query_gradient_block=32,
+        query_gradient_warps=2,
+    )
+    calls = _pallas_calls(jax.make_jaxpr(jax.grad(loss))(q).jaxpr)
+    assert calls == [((8, 2, 1), 4, 1), ((2, 2, 2), 8, 1), ((8, 2, 2), 2, 1)]
 
 
 @pytest.mark.parametrize(
     "field,value",
-    [("forward_block", 8), ("backward_block", 48), ("backward_warps", 3), ("forward_stages", 0)],
+    [
+        ("forward_block", 8),
+        ("backward_block", 48),
+        ("backward_warps", 3),
+        ("forward_stages", 0),
+        ("backward_key_block", 24),
+        ("query_gradient_warps", 6),
+    ],
 )
 def test_tiling_refuses_what_triton_cannot_tile(field, value):
     with pytest.raises(ValueError, match=f"Tiling.{field}={value}"):

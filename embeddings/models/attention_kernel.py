@@ -10,7 +10,11 @@ neither the training key's nor reproducible after a resume.
 
 These kernels keep a (query block, all keys) tile of one sequence and head in
 registers: the forward pass writes only the output and the log-sum-exp of each
-query row; the backward pass recomputes the probabilities from them. The
+query row; the backward pass recomputes the probabilities from them, by
+default in one kernel whose programs each take a head and a share of the
+batch, or, with `Tiling.backward_key_block`, split as FlashAttention-2 splits
+it: key blocks for the key and value gradients, and a second kernel for the
+query gradient (`Tiling` says which measured faster where). The
 results are those of `layers.attend`'s XLA path to float32 rounding: the same
 key mask (logits of padding keys set to the float32 minimum), the bias added
 after scaling, a float32 softmax, and the same dropout mask: the counter hash of
@@ -57,12 +61,21 @@ class Tiling:
         forward_block: Query rows per forward program; its [block, L] float32 tile
             of logits and probabilities stays in registers.
         backward_block: Query rows per step of a backward program's loop.
-        backward_programs_per_head: Backward programs per head, at most: each
-            loops over its share of the batch's sequences and accumulates the
-            bias gradient of its share in its own [L, L] block (fewer programs,
-            less to sum afterwards; more, more parallel work).
+        backward_programs_per_head: Backward programs per head (per key block),
+            at most: each loops over its share of the batch's sequences and
+            accumulates the bias gradient of its share in its own block (fewer
+            programs, less to sum afterwards; more, more parallel work).
         forward_warps, backward_warps: Warps per program.
         forward_stages, backward_stages: Triton's software-pipelining stages.
+        backward_key_block: None: one backward kernel whose programs hold the
+            key and value gradients of whole sequences in registers and also
+            write the query gradient. A number: the backward kernel's programs
+            take key blocks of this many keys each (a quarter of the registers
+            at half the length, twice the programs), and a second kernel, tiled
+            like the forward one, recomputes the probabilities to write the
+            query gradient (FlashAttention-2's split: more matmuls, no atomics).
+        query_gradient_block, query_gradient_warps: Query rows and warps per
+            program of that second kernel.
     """
 
     forward_block: int = 64
@@ -72,12 +85,25 @@ class Tiling:
     backward_warps: int = 8
     forward_stages: int = 1
     backward_stages: int = 1
+    backward_key_block: int | None = None
+    query_gradient_block: int = 64
+    query_gradient_warps: int = 4
 
     def __post_init__(self):
-        for name in ("forward_block", "backward_block"):
+        for name in ("forward_block", "backward_block", "query_gradient_block"):
             if not (_power_of_two(getattr(self, name)) and getattr(self, name) >= 16):
                 raise ValueError(f"Tiling.{name}={getattr(self, name)}: use a power of two >= 16.")
-        for name in ("forward_warps", "backward_warps", "backward_programs_per_head"):
+        key_block = self.backward_key_block
+        if key_block is not None and not (_power_of_two(key_block) and key_block >= 16):
+            raise ValueError(
+                f"Tiling.backward_key_block={key_block}: use None or a power of two >= 16."
+            )
+        for name in (
+            "forward_warps",
+            "backward_warps",
+            "backward_programs_per_head",
+            "query_gradient_warps",
+        ):
             if not _power_of_two(getattr(self, name)):
                 raise ValueError(f"Tiling.{name}={getattr(self, name)}: use a power of two.")
         for name in ("forward_stages", "backward_stages"):
@@ -109,10 +135,11 @@ def measured_faster(length: int, head_dim: int) -> bool:
     return head_dim in FAST_HEAD_DIMS and length <= FAST_MAX_LENGTH
 
 
-def _keep(seed_ref, b, h, row0, rows, length, heads, rate):
-    """Keep-mask of probability rows [row0, row0 + rows) of sequence b, head h."""
+def _keep(seed_ref, b, h, row0, rows, length, heads, rate, col0=0, cols=None):
+    """Keep-mask of probability rows [row0, row0 + rows) of sequence b, head h, in
+    key columns [col0, col0 + cols) (default all)."""
     t = jnp.arange(rows, dtype=jnp.int32)[:, None] + row0
-    s = jnp.arange(length, dtype=jnp.int32)[None, :]
+    s = jnp.arange(length if cols is None else cols, dtype=jnp.int32)[None, :] + col0
     base = ((seed_ref[2] + b.astype(jnp.uint32)) * heads + h.astype(jnp.uint32)) * length
     counter = (base + t.astype(jnp.uint32)) * length + s.astype(jnp.uint32)
     return keep_from_counter(counter, seed_ref[0], seed_ref[1], rate)
@@ -148,46 +175,6 @@ def _forward_kernel(*refs, scale, rate, heads, length, block, has_bias):
         p = jnp.where(keep, p * (1.0 / (1.0 - rate)), 0.0)
     v = v_ref[...]
     o_ref[...] = _dot(p.astype(v.dtype), v).astype(o_ref.dtype)
-
-
-def _backward_kernel(*refs, scale, rate, heads, length, block, per_program, has_bias):
-    q_ref, k_ref, v_ref, do_ref, mask_ref, lse_ref, delta_ref, *rest = refs
-    bias_ref = rest.pop(0) if has_bias else None
-    seed_ref, dq_ref, dk_ref, dv_ref, *rest = rest
-    dbias_ref = rest[0] if has_bias else None
-    h, c = pl.program_id(0), pl.program_id(1)
-    if has_bias:
-        dbias_ref[...] = jnp.zeros(dbias_ref.shape, jnp.float32)
-
-    def sequence(j, carry):
-        b = c * per_program + j
-        k, v = k_ref[j], v_ref[j]
-        key_mask = mask_ref[j] != 0
-        dk = jnp.zeros(k.shape, jnp.float32)
-        dv = jnp.zeros(v.shape, jnp.float32)
-        for row0 in range(0, length, block):  # static: a few query blocks
-            rows = pl.ds(row0, block)
-            q, do = q_ref[j, rows, :], do_ref[j, rows, :]
-            bias = bias_ref[rows, :] if has_bias else None
-            p = jnp.exp(_logits(q, k, key_mask, bias, scale) - lse_ref[j, rows][:, None])
-            dp = _dot(do, v, trans_b=True)
-            if rate:
-                keep = _keep(seed_ref, b, h, row0, block, length, heads, rate)
-                dropped = jnp.where(keep, p * (1.0 / (1.0 - rate)), 0.0)
-                dp = jnp.where(keep, dp * (1.0 / (1.0 - rate)), 0.0)
-            else:
-                dropped = p
-            dv += _dot(dropped.astype(do.dtype), do, trans_a=True)
-            ds = p * (dp - delta_ref[j, rows][:, None])
-            dq_ref[j, rows, :] = (_dot(ds.astype(k.dtype), k) * scale).astype(dq_ref.dtype)
-            dk += _dot(ds.astype(q.dtype), q, trans_a=True)
-            if has_bias:
-                dbias_ref[rows, :] += ds
-        dk_ref[j] = (dk * scale).astype(dk_ref.dtype)
-        dv_ref[j] = dv.astype(dv_ref.dtype)
-        return carry
-
-    jax.lax.fori_loop(0, per_program, sequence, 0)
 
 
 def _forward(q, k, v, mask, bias, seed, rate, interpret, tiling):
@@ -236,6 +223,85 @@ def _forward(q, k, v, mask, bias, seed, rate, interpret, tiling):
     )(*operands)
 
 
+def _backward_kernel(
+    *refs, scale, rate, heads, length, block, per_program, has_bias, query_gradient
+):
+    """One key block of one head over a share of the batch: the key and value
+    gradients, the bias gradient's partial sum over the share and, when the key
+    block is the whole sequence and `query_gradient`, the query gradient."""
+    q_ref, k_ref, v_ref, do_ref, mask_ref, lse_ref, delta_ref, *rest = refs
+    bias_ref = rest.pop(0) if has_bias else None
+    seed_ref, *rest = rest
+    dq_ref = rest.pop(0) if query_gradient else None
+    dk_ref, dv_ref, *rest = rest
+    dbias_ref = rest[0] if has_bias else None
+    h, c, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    keys = k_ref.shape[1]
+    if has_bias:
+        dbias_ref[...] = jnp.zeros(dbias_ref.shape, jnp.float32)
+
+    def sequence(i, carry):
+        b = c * per_program + i
+        k, v = k_ref[i], v_ref[i]
+        key_mask = mask_ref[i] != 0
+
+        def query_block(n, grads):
+            dk, dv = grads
+            row0 = n * block if isinstance(n, int) else pl.multiple_of(n * block, block)
+            rows = pl.ds(row0, block)
+            q, do = q_ref[i, rows, :], do_ref[i, rows, :]
+            bias = bias_ref[rows, :] if has_bias else None
+            p = jnp.exp(_logits(q, k, key_mask, bias, scale) - lse_ref[i, rows][:, None])
+            dp = _dot(do, v, trans_b=True)
+            if rate:
+                keep = _keep(seed_ref, b, h, row0, block, length, heads, rate, j * keys, keys)
+                dropped = jnp.where(keep, p * (1.0 / (1.0 - rate)), 0.0)
+                dp = jnp.where(keep, dp * (1.0 / (1.0 - rate)), 0.0)
+            else:
+                dropped = p
+            dv += _dot(dropped.astype(do.dtype), do, trans_a=True)
+            ds = p * (dp - delta_ref[i, rows][:, None])
+            if query_gradient:
+                dq_ref[i, rows, :] = (_dot(ds.astype(k.dtype), k) * scale).astype(dq_ref.dtype)
+            dk += _dot(ds.astype(q.dtype), q, trans_a=True)
+            if has_bias:
+                dbias_ref[rows, :] += ds
+            return dk, dv
+
+        grads = (jnp.zeros(k.shape, jnp.float32),) * 2
+        if query_gradient:  # unrolled, as measured on the H100
+            for n in range(length // block):
+                grads = query_block(n, grads)
+        else:
+            # A loop: Triton keeps one query block's tiles live at a time (ptxas,
+            # sm_90, 64-key blocks, 8 warps: 128 registers, 250 unrolled).
+            grads = jax.lax.fori_loop(0, length // block, query_block, grads)
+        dk, dv = grads
+        dk_ref[i] = (dk * scale).astype(dk_ref.dtype)
+        dv_ref[i] = dv.astype(dv_ref.dtype)
+        return carry
+
+    jax.lax.fori_loop(0, per_program, sequence, 0)
+
+
+def _query_kernel(*refs, scale, rate, heads, length, block, has_bias):
+    """The split backward's second kernel: one query block of one sequence and
+    head against all keys, as the forward kernel; the query gradient."""
+    q_ref, k_ref, v_ref, do_ref, mask_ref, lse_ref, delta_ref, *rest = refs
+    bias_ref = rest.pop(0) if has_bias else None
+    seed_ref, dq_ref = rest
+    b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    k, v = k_ref[...], v_ref[...]
+    bias = bias_ref[...] if has_bias else None
+    p = jnp.exp(_logits(q_ref[...], k, mask_ref[...] != 0, bias, scale) - lse_ref[...][:, None])
+    dp = _dot(do_ref[...], v, trans_b=True)
+    if rate:
+        keep = _keep(seed_ref, b, h, i * block, block, length, heads, rate)
+        dp = jnp.where(keep, dp * (1.0 / (1.0 - rate)), 0.0)
+    ds = p * (dp - delta_ref[...][:, None])
+    dq_ref[...] = (_dot(ds.astype(k.dtype), k) * scale).astype(dq_ref.dtype)
+
+
 def _sequences_per_program(batch: int, programs: int) -> int:
     """The largest power of two dividing `batch` that leaves at least `programs`
     programs per head (1 if none)."""
@@ -246,28 +312,42 @@ def _sequences_per_program(batch: int, programs: int) -> int:
 
 
 def _backward(q, k, v, mask, bias, seed, out, lse, dout, rate, interpret, tiling):
-    batch, length, heads, head_dim = q.shape
-    block = min(tiling.backward_block, length)
-    per_program = _sequences_per_program(batch, tiling.backward_programs_per_head)
-    has_bias = bias is not None
     delta = jnp.einsum(
         "btnh,btnh->bnt", out.astype(jnp.float32), dout.astype(jnp.float32)
     )  # rowsum(dP * P) of the softmax gradient, as rowsum(dO * O)
-    seq = pl.BlockSpec((per_program, length, None, head_dim), lambda h, c: (c, 0, h, 0))
-    rows = pl.BlockSpec((per_program, None, length), lambda h, c: (c, h, 0))
-    in_specs = [seq, seq, seq, seq, pl.BlockSpec((per_program, length), lambda h, c: (c, 0))]
-    in_specs += [rows, rows]
+    args = (q, k, v, mask, bias, seed, lse, delta, dout, rate, interpret, tiling)
+    if tiling.backward_key_block is None:
+        return _key_value_gradients(*args, query_gradient=True)
+    dk, dv, dbias = _key_value_gradients(*args, query_gradient=False)
+    return _query_gradient(*args), dk, dv, dbias
+
+
+def _key_value_gradients(
+    q, k, v, mask, bias, seed, lse, delta, dout, rate, interpret, tiling, *, query_gradient
+):
+    """The backward kernel's gradients: (dq,) dk, dv and dbias (None without bias)."""
+    batch, length, heads, head_dim = q.shape
+    block = min(tiling.backward_block, length)
+    keys = length if query_gradient else min(tiling.backward_key_block, length)
+    per_program = _sequences_per_program(batch, tiling.backward_programs_per_head)
+    programs = batch // per_program
+    has_bias = bias is not None
+    seq = pl.BlockSpec((per_program, length, None, head_dim), lambda h, c, j: (c, 0, h, 0))
+    key_rows = pl.BlockSpec((per_program, keys, None, head_dim), lambda h, c, j: (c, j, h, 0))
+    rows = pl.BlockSpec((per_program, None, length), lambda h, c, j: (c, h, 0))
+    in_specs = [seq, key_rows, key_rows, seq]
+    in_specs += [pl.BlockSpec((per_program, keys), lambda h, c, j: (c, j)), rows, rows]
     operands = [q, k, v, dout, mask, lse, delta]
     if has_bias:
-        in_specs.append(pl.BlockSpec((None, length, length), lambda h, c: (h, 0, 0)))
+        in_specs.append(pl.BlockSpec((None, length, keys), lambda h, c, j: (h, 0, j)))
         operands.append(bias)
-    in_specs.append(pl.BlockSpec((4,), lambda h, c: (0,)))
+    in_specs.append(pl.BlockSpec((4,), lambda h, c, j: (0,)))
     operands.append(seed)
-    out_specs = [seq, seq, seq]
-    out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)]
-    programs = batch // per_program
+    outputs = (q, k, v) if query_gradient else (k, v)
+    out_specs = [seq, key_rows, key_rows] if query_gradient else [key_rows, key_rows]
+    out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in outputs]
     if has_bias:
-        out_specs.append(pl.BlockSpec((None, None, length, length), lambda h, c: (c, h, 0, 0)))
+        out_specs.append(pl.BlockSpec((None, None, length, keys), lambda h, c, j: (c, h, 0, j)))
         out_shape.append(jax.ShapeDtypeStruct((programs, heads, length, length), jnp.float32))
     kernel = functools.partial(
         _backward_kernel,
@@ -278,10 +358,11 @@ def _backward(q, k, v, mask, bias, seed, out, lse, dout, rate, interpret, tiling
         block=block,
         per_program=per_program,
         has_bias=has_bias,
+        query_gradient=query_gradient,
     )
     grads = pl.pallas_call(
         kernel,
-        grid=(heads, programs),
+        grid=(heads, programs, length // keys),
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
@@ -289,11 +370,47 @@ def _backward(q, k, v, mask, bias, seed, out, lse, dout, rate, interpret, tiling
             num_warps=tiling.backward_warps, num_stages=tiling.backward_stages
         ),
         interpret=interpret,
-        name="attention_backward",
+        name="attention_backward" if query_gradient else "attention_backward_key_value",
     )(*operands)
-    dq, dk, dv = grads[:3]
-    dbias = grads[3].sum(axis=0) if has_bias else None
-    return dq, dk, dv, dbias
+    dbias = grads[len(outputs)].sum(axis=0) if has_bias else None
+    return (*grads[: len(outputs)], dbias)
+
+
+def _query_gradient(q, k, v, mask, bias, seed, lse, delta, dout, rate, interpret, tiling):
+    """The split backward's query gradient (the second kernel)."""
+    batch, length, heads, head_dim = q.shape
+    block = min(tiling.query_gradient_block, length)
+    has_bias = bias is not None
+    query_rows = pl.BlockSpec((None, block, None, head_dim), lambda b, h, i: (b, i, h, 0))
+    seq = pl.BlockSpec((None, length, None, head_dim), lambda b, h, i: (b, 0, h, 0))
+    rows = pl.BlockSpec((None, None, block), lambda b, h, i: (b, h, i))
+    in_specs = [query_rows, seq, seq, query_rows]
+    in_specs += [pl.BlockSpec((None, length), lambda b, h, i: (b, 0)), rows, rows]
+    operands = [q, k, v, dout, mask, lse, delta]
+    if has_bias:
+        in_specs.append(pl.BlockSpec((None, block, length), lambda b, h, i: (h, i, 0)))
+        operands.append(bias)
+    in_specs.append(pl.BlockSpec((4,), lambda b, h, i: (0,)))
+    operands.append(seed)
+    kernel = functools.partial(
+        _query_kernel,
+        scale=1.0 / math.sqrt(head_dim),
+        rate=rate,
+        heads=heads,
+        length=length,
+        block=block,
+        has_bias=has_bias,
+    )
+    return pl.pallas_call(
+        kernel,
+        grid=(batch, heads, length // block),
+        in_specs=in_specs,
+        out_specs=query_rows,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=tiling.query_gradient_warps, num_stages=1),
+        interpret=interpret,
+        name="attention_backward_query",
+    )(*operands)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
