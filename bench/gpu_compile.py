@@ -53,6 +53,7 @@ from bench import _hlo_trace, _roofline, _timing
 from bench import step as step_bench
 from embeddings.dual_encoder import DualEncoder
 from embeddings.models import SentenceEncoder, load_pretrained
+from embeddings.models.attention_kernel import parse_tiling
 from embeddings.models.packing import batch_token_index
 from embeddings.optim import make_optimizer
 from embeddings.sharding import DATA_AXES
@@ -118,6 +119,7 @@ def compile_step(args, dump: pathlib.Path) -> str:
         pre.spec,
         dtype=step_bench.DTYPES[args.dtype],
         attention_kernel=args.attention_kernel,
+        attention_tiling=parse_tiling(args.attention_tiling),
     )
     optimizer, schedule = make_optimizer(config, step_bench.SCHEDULE_STEPS)
     state = jax.eval_shape(lambda: init_state({"encoder": pre.params}, optimizer, config.seed))
@@ -230,6 +232,7 @@ def analyse(args, dump: pathlib.Path) -> dict:
         "model": str(args.model),
         **{k: getattr(args, k) for k in ("dtype", "batch_size", "max_length", "pack_levels")},
         "attention_kernel": args.attention_kernel,
+        "attention_tiling": args.attention_tiling,
         "full_length": args.full_length,
         "gigabytes": sum(c.bytes for c in costs.values()) / 1e9,
         "matmul_tflops": sum(c.flops for c in costs.values()) / 1e12,

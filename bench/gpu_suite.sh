@@ -12,6 +12,8 @@
 #   attention      fused vs XLA attention alone (bench/attention.py)
 #   attention_sweep the fused kernels' tilings (bench/attention.py --sweep; each tiling's
 #                  time is in suite.log as soon as it is measured)
+#   mpnet_tiled    the MPNet profile again with the sweep's fastest tiling
+#                  (--attention_tiling); skipped when that is the default or no sweep ran
 #   mpnet_vs_st    MPNet-base bf16 256 Debian pairs, packed, vs sentence-transformers
 #   pipeline       input pipeline alone at batch 1024 with 0, 4, 8, 12 workers
 #   minilm_profile MiniLM-L6 bf16 256 Debian pairs, packed: where the time goes
@@ -24,8 +26,8 @@ set -u
 cd "$(dirname "$0")/.."
 prepared=$1 out=$2
 shift 2
-rows=${*:-mpnet_profile attention_sweep attention mpnet_cublas mpnet_vs_st pipeline minilm_profile \
-  attention_ncu}
+rows=${*:-mpnet_profile attention_sweep mpnet_tiled mpnet_cublas attention mpnet_vs_st pipeline \
+  minilm_profile attention_ncu}
 budget=${SUITE_SECONDS:-540}
 mkdir -p "$out"
 log=$out/suite.log
@@ -99,6 +101,21 @@ for name in $rows; do
     row "$name" 60 python3 bench/attention.py $attention --json ;;
   attention_sweep)
     row "$name" 150 python3 bench/attention.py --sweep $attention $sweep --json ;;
+  mpnet_tiled)
+    tiling=$([ -f "$results" ] && python3 - "$results" <<'PY'
+import json, sys
+from embeddings.models.attention_kernel import Tiling, format_tiling
+sweeps = [json.loads(line) for line in open(sys.argv[1]) if '"attention_sweep"' in line]
+print(format_tiling(Tiling(**sweeps[-1]["best"])) if sweeps else "")
+PY
+    )
+    if [ -n "$tiling" ]; then
+      row "$name" 130 python3 bench/step_profile.py --model "$mpnet" --dtype bfloat16 \
+        --full_length --attention_tiling "$tiling" --trace_steps 2 --top 10 $big --json
+    else
+      echo "--- $name: skipped, no attention_sweep result or its fastest tiling is the default" \
+        | tee -a "$log"
+    fi ;;
   mpnet_vs_st)
     row "$name" 160 python3 bench/step.py --model "$mpnet" --dtype bfloat16 $big --json ;;
   pipeline)
@@ -128,6 +145,8 @@ for line in open(sys.argv[1]):
     summary = {k: round(r[k], 4) for k in keys if isinstance(r.get(k), (int, float))}
     for mode in r.get("results", []) if isinstance(r.get("results"), list) else []:
         summary[f"{mode['padding']}, {mode['workers']} workers"] = round(mode["pairs_per_second"])
+    if r.get("attention_tiling"):
+        summary["attention_tiling"] = r["attention_tiling"]
     if isinstance(r.get("best"), dict):
         summary["best tiling"] = r["best"]
     print(r["row"], summary)

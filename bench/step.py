@@ -2,7 +2,8 @@
 
     python bench/step.py [--json] [--dtype float32|bfloat16] [--batch_size 64] \
         [--max_length 128] [--steps 5] [--warmup 2] [--model minilm|tiny|PATH] \
-        [--pack_levels 8] [--attention_kernel auto|xla|pallas] [--full_length]
+        [--pack_levels 8] [--attention_kernel auto|xla|pallas] [--attention_tiling ...] \
+        [--full_length]
 
 One step = forward of both columns of a batch of (anchor, positive) pairs, the
 symmetric in-batch negatives loss (cosine x 20), backward, grad-norm clipping
@@ -69,6 +70,7 @@ from configs import default
 from embeddings import flops
 from embeddings.dual_encoder import DualEncoder
 from embeddings.models import SentenceEncoder, load_pretrained, load_tokenizer
+from embeddings.models.attention_kernel import parse_tiling
 from embeddings.models.packing import batch_token_index
 from embeddings.optim import make_optimizer
 from embeddings.sharding import batch_sharding, make_mesh, replicated
@@ -162,7 +164,8 @@ def full_length_batch(config, args) -> dict:
     model FLOPs (and MFU) are those of the padded shape."""
     rng = np.random.default_rng(0)
     shape = (args.batch_size, args.max_length)
-    ids = tuple(rng.integers(1000, config.vocab_size, shape, dtype=np.int32) for _ in range(2))
+    low = min(1000, config.vocab_size // 2)  # clear of the special tokens (small test vocabularies)
+    ids = tuple(rng.integers(low, config.vocab_size, shape, dtype=np.int32) for _ in range(2))
     return {"input_ids": ids, "attention_mask": tuple(np.ones(shape, np.int32) for _ in ids)}
 
 
@@ -193,17 +196,29 @@ class OurStep:
       grad_cache_chunk: rows per GradCache chunk; 0 for the plain step.
       devices: devices of the (data-parallel) mesh; default all.
       attention_kernel: config.model.attention_kernel ("auto", "xla", "pallas").
+      attention_tiling: config.model.attention_tiling ("" = the kernels' defaults).
     """
 
     def __init__(
-        self, folder, *, dtype="float32", grad_cache_chunk=0, devices=None, attention_kernel="auto"
+        self,
+        folder,
+        *,
+        dtype="float32",
+        grad_cache_chunk=0,
+        devices=None,
+        attention_kernel="auto",
+        attention_tiling="",
     ):
         pre = load_pretrained(str(folder))
         self.config = pre.config
         self.tokenizer = load_tokenizer(pre.model_dir)
         config = training_config(grad_cache_chunk)
         encoder = SentenceEncoder(
-            pre.config, pre.spec, dtype=DTYPES[dtype], attention_kernel=attention_kernel
+            pre.config,
+            pre.spec,
+            dtype=DTYPES[dtype],
+            attention_kernel=attention_kernel,
+            attention_tiling=parse_tiling(attention_tiling),
         )
         model = DualEncoder(encoder)
         self.mesh = make_mesh(devices=devices)
@@ -312,6 +327,7 @@ def serve(args) -> None:
             dtype=args.dtype,
             devices=jax.devices()[:1],
             attention_kernel=args.attention_kernel,
+            attention_tiling=args.attention_tiling,
         )
         batch = ours.device_batch(host, args.pack_levels)
         facts["model_flops_per_step"] = flops.train_step_flops(
@@ -359,6 +375,7 @@ def measure(args) -> dict:
         "max_length": args.max_length,
         "pack_levels": args.pack_levels,
         "attention_kernel": args.attention_kernel,
+        "attention_tiling": args.attention_tiling,
         "full_length": args.full_length,
         "padding": args.padding,
         "steps": args.steps,
@@ -405,8 +422,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_batch_args(parser: argparse.ArgumentParser) -> None:
-    """--batch_size, --max_length, --pack_levels, --attention_kernel, --full_length,
-    --padding: the batch and step settings of our side (bench/step_profile.py shares them)."""
+    """--batch_size, --max_length, --pack_levels, --attention_kernel, --attention_tiling,
+    --full_length, --padding: the batch and step settings of our side (bench/step_profile.py
+    shares them)."""
     parser.add_argument("--batch_size", type=int, default=64, help="pairs per step")
     parser.add_argument("--max_length", type=int, default=128, help="tokens per text (padded)")
     parser.add_argument(
@@ -420,6 +438,11 @@ def add_batch_args(parser: argparse.ArgumentParser) -> None:
         default="auto",
         choices=("auto", "xla", "pallas"),
         help="ours: config.model.attention_kernel (auto = fused Pallas kernels on GPUs)",
+    )
+    parser.add_argument(
+        "--attention_tiling",
+        default="",
+        help='ours: config.model.attention_tiling, e.g. "backward_key_block=64" ("" = defaults)',
     )
     parser.add_argument(
         "--full_length",

@@ -49,7 +49,11 @@ def measure(args, trace_dir: pathlib.Path) -> dict:
     folder = step_bench.model_dir(args.model)
     host = step_bench.host_batch(args, folder)
     ours = step_bench.OurStep(
-        folder, dtype=args.dtype, devices=jax.devices()[:1], attention_kernel=args.attention_kernel
+        folder,
+        dtype=args.dtype,
+        devices=jax.devices()[:1],
+        attention_kernel=args.attention_kernel,
+        attention_tiling=args.attention_tiling,
     )
     batch = ours.device_batch(host, args.pack_levels)
     hlo = ours.hlo_text(batch)
@@ -95,6 +99,7 @@ def measure(args, trace_dir: pathlib.Path) -> dict:
         "padding": args.padding,
         "pack_levels": args.pack_levels,
         "attention_kernel": args.attention_kernel,
+        "attention_tiling": args.attention_tiling,
         "steps": args.steps,
         "trace_steps": args.trace_steps,
         "step_seconds": step_s,

@@ -73,6 +73,11 @@ def get_config() -> ml_collections.ConfigDict:
             # "xla"; "pallas" wherever they fit (interpreted, slowly, off a GPU).
             # Same results and dropout masks either way.
             attention_kernel="auto",
+            # How the Pallas kernels split their work (speed only, same results):
+            # "name=value,..." of models/attention_kernel.py's Tiling, e.g.
+            # "backward_key_block=64"; "" = its defaults (the fastest measured on
+            # an H100). `python bench/attention.py --sweep` times tilings on a GPU.
+            attention_tiling="",
             # Run embeddings, projections, feed-forward and LayerNorms on real tokens
             # only (attention stays padded; same result, ~1/(1 - padding share)
             # less work there). N > 0 rounds each column's packed size up to one of

@@ -29,6 +29,7 @@ from embeddings.models import (
     load_pretrained,
     load_tokenizer,
 )
+from embeddings.models.attention_kernel import parse_tiling
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MODEL_FILES = "model"
@@ -101,7 +102,12 @@ def build_model(config: ml_collections.ConfigDict, *, seed: int | None = None) -
         do_lower_case=base_spec.do_lower_case,
     )
     encoder = SentenceEncoder(
-        encoder_config, spec, dtype=dtype, remat=m.remat, attention_kernel=m.attention_kernel
+        encoder_config,
+        spec,
+        dtype=dtype,
+        remat=m.remat,
+        attention_kernel=m.attention_kernel,
+        attention_tiling=parse_tiling(m.attention_tiling),
     )
     model = DualEncoder(encoder, m.tied)
 

@@ -253,6 +253,10 @@ def test_encoder_with_kernels_equals_xla_in_training():
     )
     spec = SentenceSpec(pooling="mean", normalize=True)
     encoders = {k: SentenceEncoder(config, spec, attention_kernel=k) for k in ("xla", "pallas")}
+    split = attention_kernel.parse_tiling("backward_key_block=16,backward_programs_per_head=2")
+    encoders["split"] = SentenceEncoder(
+        config, spec, attention_kernel="pallas", attention_tiling=split
+    )
     params = encoders["xla"].init(jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
     mask = jnp.asarray(np.arange(32)[None] < rng.integers(3, 33, 4)[:, None], jnp.int32)
@@ -265,12 +269,44 @@ def test_encoder_with_kernels_equals_xla_in_training():
         return jnp.sum(out * jnp.arange(out.size).reshape(out.shape) / out.size)
 
     results = {k: jax.value_and_grad(loss)(params, e) for k, e in encoders.items()}
-    np.testing.assert_allclose(results["pallas"][0], results["xla"][0], rtol=1e-5)
-    jax.tree.map(
-        lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6),
-        results["pallas"][1],
-        results["xla"][1],
+    for kernels in ("pallas", "split"):
+        np.testing.assert_allclose(results[kernels][0], results["xla"][0], rtol=1e-5)
+        jax.tree.map(
+            lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6),
+            results[kernels][1],
+            results["xla"][1],
+        )
+
+
+def test_config_tiling_reaches_the_model():
+    """config.model.attention_tiling is the Tiling of the built model's encoder."""
+    from configs import tiny
+    from embeddings.model_setup import build_model
+
+    config = tiny.get_config()
+    config.model.attention_tiling = "backward_key_block=32,query_gradient_warps=8"
+    encoder = build_model(config).model.encoder
+    assert encoder.attention_tiling == attention_kernel.Tiling(
+        backward_key_block=32, query_gradient_warps=8
     )
+
+
+def test_tiling_text_round_trip_and_errors():
+    """config.model.attention_tiling's "name=value,..." form."""
+    parse = attention_kernel.parse_tiling
+    assert parse("") == attention_kernel.Tiling()
+    tiling = parse(" backward_key_block=64, query_gradient_warps=8 ")
+    assert tiling == attention_kernel.Tiling(backward_key_block=64, query_gradient_warps=8)
+    assert attention_kernel.format_tiling(tiling) == "backward_key_block=64,query_gradient_warps=8"
+    assert parse(attention_kernel.format_tiling(tiling)) == tiling
+    assert attention_kernel.format_tiling(attention_kernel.Tiling()) == ""
+    assert parse("backward_key_block=None").backward_key_block is None
+    with pytest.raises(ValueError, match="unknown field 'forward_blocks'"):
+        parse("forward_blocks=32")
+    with pytest.raises(ValueError, match="forward_warps='four' is not a whole number"):
+        parse("forward_warps=four")
+    with pytest.raises(ValueError, match=r"Tiling\.forward_block=24"):
+        parse("forward_block=24")
 
 
 def test_auto_uses_the_kernels_only_where_measured_faster():

@@ -191,7 +191,7 @@ def test_gpu_suite_runs_its_rows_and_collects_their_json(tmp_path):
     env = {**os.environ, "SUITE_QUICK": "1", "XLA_FLAGS": "--xla_backend_optimization_level=0"}
     suite = [str(REPO / "bench" / "gpu_suite.sh"), str(tmp_path / "prepared"), str(out)]
     done = subprocess.run(
-        ["bash", *suite, "attention", "attention_sweep", "pipeline", "nonsense"],
+        ["bash", *suite, "attention", "attention_sweep", "mpnet_tiled", "pipeline", "nonsense"],
         capture_output=True,
         text=True,
         env=env,
@@ -202,6 +202,20 @@ def test_gpu_suite_runs_its_rows_and_collects_their_json(tmp_path):
     assert (models / "all-mpnet-base-v2" / "model.safetensors").is_file()
     assert (models / "all-MiniLM-L6-v2" / "model.safetensors").is_file()
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    # mpnet_tiled profiles MPNet with the sweep's fastest tiling, unless that is the
+    # default (the quick sweep's timings are noise: either may happen).
+    best = attention_kernel.format_tiling(attention_kernel.Tiling(**rows[1]["best"]))
+    if best:
+        assert [r["row"] for r in rows] == [
+            "attention",
+            "attention_sweep",
+            "mpnet_tiled",
+            "pipeline",
+        ]
+        assert rows[2]["attention_tiling"] == best
+        rows.pop(2)
+    else:
+        assert "mpnet_tiled: skipped" in done.stdout
     assert [r["row"] for r in rows] == ["attention", "attention_sweep", "pipeline"]
     assert rows[0]["interpreted"] and rows[2]["batch_size"] == 64
     assert len(rows[1]["rows"]) == 4  # two tilings per kernel (SUITE_QUICK)

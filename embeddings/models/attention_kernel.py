@@ -111,6 +111,39 @@ class Tiling:
                 raise ValueError(f"Tiling.{name}={getattr(self, name)}: use 1 or more.")
 
 
+def parse_tiling(text: str) -> Tiling:
+    """A `Tiling` from "name=value,name=value" (`config.model.attention_tiling`);
+    fields not named keep their defaults, "" is `Tiling()`, and
+    backward_key_block=none is the one-kernel backward."""
+    fields = {field.name for field in dataclasses.fields(Tiling)}
+    values: dict[str, int | None] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = item.partition("=")
+        name, value = name.strip(), value.strip()
+        if name not in fields:
+            raise ValueError(
+                f"attention tiling {text!r}: unknown field {name!r}; use name=value pairs of "
+                f"{sorted(fields)}."
+            )
+        if value.lower() == "none" and name == "backward_key_block":
+            values[name] = None
+        elif value.isdigit():
+            values[name] = int(value)
+        else:
+            raise ValueError(f"attention tiling {text!r}: {name}={value!r} is not a whole number.")
+    return Tiling(**values)
+
+
+def format_tiling(tiling: Tiling) -> str:
+    """The `parse_tiling` text of the fields where `tiling` differs from `Tiling()`."""
+    default = Tiling()
+    return ",".join(
+        f"{field.name}={getattr(tiling, field.name)}"
+        for field in dataclasses.fields(Tiling)
+        if getattr(tiling, field.name) != getattr(default, field.name)
+    )
+
+
 def supports(batch: int, length: int, heads: int, head_dim: int) -> bool:
     """Whether the kernels take these shapes: Triton tiles need power-of-two
     sides of at least 16, and the dropout hash a 32-bit element index."""

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from embeddings.models.attention_kernel import Tiling
 from embeddings.models.config import EncoderConfig
 from embeddings.models.layers import (
     Embeddings,
@@ -37,6 +38,7 @@ class Encoder(nnx.Module):
         remat: Rematerialise each layer in the backward pass (gradient
             checkpointing): less activation memory for one more forward per layer.
         attention_kernel: "auto", "xla" or "pallas" (`layers.attend`).
+        attention_tiling: The Pallas kernels' `Tiling` (None: its defaults).
     """
 
     def __init__(
@@ -47,6 +49,7 @@ class Encoder(nnx.Module):
         dtype=jnp.float32,
         remat: bool = False,
         attention_kernel: str = "auto",
+        attention_tiling: Tiling | None = None,
     ):
         if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
             raise ValueError(f"Encoder dtype must be float32 or bfloat16, got {dtype}.")
@@ -60,7 +63,13 @@ class Encoder(nnx.Module):
         )
         self.layers = nnx.List(
             [
-                TransformerLayer(config, rngs=rngs, dtype=dtype, attention_kernel=attention_kernel)
+                TransformerLayer(
+                    config,
+                    rngs=rngs,
+                    dtype=dtype,
+                    attention_kernel=attention_kernel,
+                    attention_tiling=attention_tiling,
+                )
                 for _ in range(config.num_layers)
             ]
         )

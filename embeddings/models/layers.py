@@ -20,6 +20,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from embeddings.models import attention_kernel
+from embeddings.models.attention_kernel import Tiling
 from embeddings.models.config import MPNET_POSITION_BUCKETS, EncoderConfig
 from embeddings.models.dropout import Dropout, dropout, seed_words
 
@@ -210,7 +211,7 @@ def use_fused_attention(kernel: str, shape: tuple[int, ...]) -> bool:
     return jax.default_backend() == "gpu" and attention_kernel.measured_faster(length, head_dim)
 
 
-def _attend_fused(q, k, v, mask, bias, seed, rate):
+def _attend_fused(q, k, v, mask, bias, seed, rate, tiling):
     """`attention_kernel.attention` on the global batch: under a mesh each device
     runs the kernels on its own rows (a custom call cannot be split by XLA)."""
     interpret = jax.default_backend() != "gpu"
@@ -218,7 +219,16 @@ def _attend_fused(q, k, v, mask, bias, seed, rate):
 
     def local(q, k, v, mask, seed, bias=None, offset=0):
         return attention_kernel.attention(
-            q, k, v, mask, bias, seed, rate=rate, batch_offset=offset, interpret=interpret
+            q,
+            k,
+            v,
+            mask,
+            bias,
+            seed,
+            rate=rate,
+            batch_offset=offset,
+            interpret=interpret,
+            tiling=tiling,
         )
 
     mesh = jax.sharding.get_abstract_mesh()
@@ -237,7 +247,7 @@ def _attend_fused(q, k, v, mask, bias, seed, rate):
 
 
 def attend(
-    q, k, v, mask, bias=None, *, dropout_rate=0.0, dropout_rng=None, kernel="xla"
+    q, k, v, mask, bias=None, *, dropout_rate=0.0, dropout_rng=None, kernel="xla", tiling=None
 ) -> jax.Array:
     """Scaled dot-product attention over padded sequences.
 
@@ -255,6 +265,7 @@ def attend(
         dropout_rate: Attention-probability dropout; used only with `dropout_rng`.
         dropout_rng: PRNG key; None means no dropout.
         kernel: `config.model.attention_kernel`, see `use_fused_attention`.
+        tiling: The Pallas kernels' `attention_kernel.Tiling` (None: its defaults).
 
     Returns:
         [B, L, heads, head_dim] in the dtype of `v`.
@@ -262,7 +273,7 @@ def attend(
     rate = dropout_rate if dropout_rng is not None else 0.0
     if use_fused_attention(kernel, q.shape):
         seed = seed_words(dropout_rng) if rate else None
-        return _attend_fused(q, k, v, mask, bias, seed, rate)
+        return _attend_fused(q, k, v, mask, bias, seed, rate, tiling)
     key_mask = (mask != 0)[:, None, None, :]  # [B, 1, 1, L]
     scale = 1.0 / math.sqrt(q.shape[-1])
     if rate == 0.0:
@@ -279,11 +290,18 @@ def attend(
 class SelfAttention(nnx.Module):
     """Multi-head self-attention: query/key/value projections, attention, output projection.
 
-    `kernel` is `config.model.attention_kernel` ("auto", "xla" or "pallas").
+    `kernel` is `config.model.attention_kernel` ("auto", "xla" or "pallas"), `tiling`
+    the Pallas kernels' `attention_kernel.Tiling` (None: its defaults).
     """
 
     def __init__(
-        self, config: EncoderConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, kernel: str = "auto"
+        self,
+        config: EncoderConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+        kernel: str = "auto",
+        tiling: Tiling | None = None,
     ):
         if kernel not in ATTENTION_KERNELS:
             raise ValueError(f"attention kernel {kernel!r}: use one of {ATTENTION_KERNELS}.")
@@ -291,6 +309,7 @@ class SelfAttention(nnx.Module):
         self.num_heads = config.num_heads
         self.dropout_rate = config.attention_dropout
         self.kernel = kernel
+        self.tiling = tiling
         self.query = _linear(config, hidden, hidden, dtype, rngs)
         self.key = _linear(config, hidden, hidden, dtype, rngs)
         self.value = _linear(config, hidden, hidden, dtype, rngs)
@@ -330,6 +349,7 @@ class SelfAttention(nnx.Module):
             dropout_rate=self.dropout_rate,
             dropout_rng=dropout_rng,
             kernel=self.kernel,
+            tiling=self.tiling,
         ).reshape(batch, length, hidden)
         return self.output(out if packer is None else packer.pack(out))
 
@@ -344,8 +364,11 @@ class TransformerLayer(nnx.Module):
         rngs: nnx.Rngs,
         dtype=jnp.float32,
         attention_kernel: str = "auto",
+        attention_tiling: Tiling | None = None,
     ):
-        self.attention = SelfAttention(config, rngs=rngs, dtype=dtype, kernel=attention_kernel)
+        self.attention = SelfAttention(
+            config, rngs=rngs, dtype=dtype, kernel=attention_kernel, tiling=attention_tiling
+        )
         self.attention_norm = _layer_norm(config, dtype, rngs)
         hidden, inner = config.hidden_size, config.intermediate_size
         self.intermediate = _linear(config, hidden, inner, dtype, rngs)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from embeddings.models.attention_kernel import Tiling
 from embeddings.models.config import EncoderConfig
 from embeddings.models.encoder import Encoder
 from embeddings.models.pooling import POOLING_MODES, l2_normalize, pool
@@ -53,6 +54,8 @@ class SentenceEncoder:
         remat: Rematerialise each layer in the backward pass.
         attention_kernel: "auto" (the fused Pallas kernels on GPUs, XLA elsewhere),
             "xla" or "pallas" (`layers.attend`).
+        attention_tiling: How the Pallas kernels split their work
+            (`attention_kernel.Tiling`; None: its defaults). Speed only.
     """
 
     def __init__(
@@ -63,6 +66,7 @@ class SentenceEncoder:
         dtype=jnp.float32,
         remat: bool = False,
         attention_kernel: str = "auto",
+        attention_tiling: Tiling | None = None,
     ):
         if spec.pooling not in POOLING_MODES:
             raise ValueError(f"SentenceSpec.pooling={spec.pooling!r}; use one of {POOLING_MODES}.")
@@ -71,6 +75,7 @@ class SentenceEncoder:
         self.dtype = dtype
         self.remat = remat
         self.attention_kernel = attention_kernel
+        self.attention_tiling = attention_tiling
         # Abstract build: shapes only, no parameter memory or random numbers.
         abstract = nnx.eval_shape(lambda: self._build(nnx.Rngs(0)))
         self.graphdef, _ = nnx.split(abstract)
@@ -83,6 +88,7 @@ class SentenceEncoder:
             dtype=self.dtype,
             remat=self.remat,
             attention_kernel=self.attention_kernel,
+            attention_tiling=self.attention_tiling,
         )
 
     def init(self, rng: jax.Array) -> dict:
