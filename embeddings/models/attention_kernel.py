@@ -210,50 +210,70 @@ def _forward_kernel(*refs, scale, rate, heads, length, block, has_bias):
     o_ref[...] = _dot(p.astype(v.dtype), v).astype(o_ref.dtype)
 
 
-def _forward(q, k, v, mask, bias, seed, rate, interpret, tiling):
+def _over_query_blocks(
+    kernel, name, inputs, rate, interpret, *, block, warps, stages, outputs, backward=None
+):
+    """`kernel` over programs (sequence, head, query block of `block` rows): each
+    gets its query rows, the whole sequence's keys, values and key mask, the bias
+    rows and the seed words, and with `backward` = (dout, lse, delta) the output
+    gradient's rows and each row's log-sum-exp and delta, in that order.
+    `outputs` are (dtype, per-row) pairs: [B, L, heads, head_dim] query rows, or
+    float32 [B, heads, L] row values when per-row. `inputs`: (q, k, v, mask, bias, seed)."""
+    q, k, v, mask, bias, seed = inputs
     batch, length, heads, head_dim = q.shape
-    block = min(tiling.forward_block, length)
-    has_bias = bias is not None
-    seq = pl.BlockSpec((None, length, None, head_dim), lambda b, h, i: (b, 0, h, 0))
-    in_specs = [
-        pl.BlockSpec((None, block, None, head_dim), lambda b, h, i: (b, i, h, 0)),
-        seq,
-        seq,
-        pl.BlockSpec((None, length), lambda b, h, i: (b, 0)),
-    ]
-    operands = [q, k, v, mask]
-    if has_bias:
+    query = pl.BlockSpec((None, block, None, head_dim), lambda b, h, i: (b, i, h, 0))
+    whole = pl.BlockSpec((None, length, None, head_dim), lambda b, h, i: (b, 0, h, 0))
+    rows = pl.BlockSpec((None, None, block), lambda b, h, i: (b, h, i))
+    in_specs, operands = [query, whole, whole], [q, k, v]
+    if backward is not None:
+        in_specs.append(query)
+        operands.append(backward[0])
+    in_specs.append(pl.BlockSpec((None, length), lambda b, h, i: (b, 0)))
+    operands.append(mask)
+    if backward is not None:
+        in_specs += [rows, rows]
+        operands += backward[1:]
+    if bias is not None:
         in_specs.append(pl.BlockSpec((None, block, length), lambda b, h, i: (h, i, 0)))
         operands.append(bias)
     in_specs.append(pl.BlockSpec((4,), lambda b, h, i: (0,)))
     operands.append(seed)
-    kernel = functools.partial(
-        _forward_kernel,
-        scale=1.0 / math.sqrt(head_dim),
-        rate=rate,
-        heads=heads,
-        length=length,
-        block=block,
-        has_bias=has_bias,
-    )
     return pl.pallas_call(
-        kernel,
+        functools.partial(
+            kernel,
+            scale=1.0 / math.sqrt(head_dim),
+            rate=rate,
+            heads=heads,
+            length=length,
+            block=block,
+            has_bias=bias is not None,
+        ),
         grid=(batch, heads, length // block),
         in_specs=in_specs,
-        out_specs=[
-            pl.BlockSpec((None, block, None, head_dim), lambda b, h, i: (b, i, h, 0)),
-            pl.BlockSpec((None, None, block), lambda b, h, i: (b, h, i)),
-        ],
+        out_specs=[rows if per_row else query for _, per_row in outputs],
         out_shape=[
-            jax.ShapeDtypeStruct(q.shape, q.dtype),
-            jax.ShapeDtypeStruct((batch, heads, length), jnp.float32),
+            jax.ShapeDtypeStruct((batch, heads, length) if per_row else q.shape, dtype)
+            for dtype, per_row in outputs
         ],
-        compiler_params=plgpu.CompilerParams(
-            num_warps=tiling.forward_warps, num_stages=tiling.forward_stages
-        ),
+        compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages),
         interpret=interpret,
-        name="attention_forward",
+        name=name,
     )(*operands)
+
+
+def _forward(q, k, v, mask, bias, seed, rate, interpret, tiling):
+    """The output and each query row's log-sum-exp."""
+    return _over_query_blocks(
+        _forward_kernel,
+        "attention_forward",
+        (q, k, v, mask, bias, seed),
+        rate,
+        interpret,
+        block=min(tiling.forward_block, q.shape[1]),
+        warps=tiling.forward_warps,
+        stages=tiling.forward_stages,
+        outputs=[(q.dtype, False), (jnp.float32, True)],
+    )
 
 
 def _backward_kernel(
@@ -411,39 +431,19 @@ def _key_value_gradients(
 
 def _query_gradient(q, k, v, mask, bias, seed, lse, delta, dout, rate, interpret, tiling):
     """The split backward's query gradient (the second kernel)."""
-    batch, length, heads, head_dim = q.shape
-    block = min(tiling.query_gradient_block, length)
-    has_bias = bias is not None
-    query_rows = pl.BlockSpec((None, block, None, head_dim), lambda b, h, i: (b, i, h, 0))
-    seq = pl.BlockSpec((None, length, None, head_dim), lambda b, h, i: (b, 0, h, 0))
-    rows = pl.BlockSpec((None, None, block), lambda b, h, i: (b, h, i))
-    in_specs = [query_rows, seq, seq, query_rows]
-    in_specs += [pl.BlockSpec((None, length), lambda b, h, i: (b, 0)), rows, rows]
-    operands = [q, k, v, dout, mask, lse, delta]
-    if has_bias:
-        in_specs.append(pl.BlockSpec((None, block, length), lambda b, h, i: (h, i, 0)))
-        operands.append(bias)
-    in_specs.append(pl.BlockSpec((4,), lambda b, h, i: (0,)))
-    operands.append(seed)
-    kernel = functools.partial(
+    (dq,) = _over_query_blocks(
         _query_kernel,
-        scale=1.0 / math.sqrt(head_dim),
-        rate=rate,
-        heads=heads,
-        length=length,
-        block=block,
-        has_bias=has_bias,
+        "attention_backward_query",
+        (q, k, v, mask, bias, seed),
+        rate,
+        interpret,
+        block=min(tiling.query_gradient_block, q.shape[1]),
+        warps=tiling.query_gradient_warps,
+        stages=1,
+        outputs=[(q.dtype, False)],
+        backward=(dout, lse, delta),
     )
-    return pl.pallas_call(
-        kernel,
-        grid=(batch, heads, length // block),
-        in_specs=in_specs,
-        out_specs=query_rows,
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=plgpu.CompilerParams(num_warps=tiling.query_gradient_warps, num_stages=1),
-        interpret=interpret,
-        name="attention_backward_query",
-    )(*operands)
+    return dq
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
