@@ -10,9 +10,11 @@ each its own peak resident memory.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
+import pathlib
 import platform
 import resource
 import statistics
@@ -253,6 +255,19 @@ def jax_facts() -> dict:
         "jax_version": jax.__version__,
         "jax_threads": len(os.sched_getaffinity(0)),
     }
+
+
+@contextlib.contextmanager
+def output_folder(path: str | None, prefix: str):
+    """The folder a script writes its traces and dumps to: `path`, created and
+    kept, or a temporary one removed afterwards."""
+    if path:
+        folder = pathlib.Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        yield folder
+    else:
+        with tempfile.TemporaryDirectory(prefix=prefix) as folder:
+            yield pathlib.Path(folder)
 
 
 def print_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:

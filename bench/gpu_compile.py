@@ -36,7 +36,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 
 if __name__ == "__main__":  # before JAX starts: compile for the described GPU, use none
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -51,13 +50,9 @@ from jax.sharding import PartitionSpec as P
 
 from bench import _hlo_trace, _roofline, _timing
 from bench import step as step_bench
-from embeddings.dual_encoder import DualEncoder
-from embeddings.models import SentenceEncoder, load_pretrained
-from embeddings.models.attention_kernel import parse_tiling
+from embeddings.models import load_pretrained
 from embeddings.models.packing import batch_token_index
-from embeddings.optim import make_optimizer
 from embeddings.sharding import DATA_AXES
-from embeddings.train_step import init_state, make_train_step
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # XLA's description of each GPU (xla/tools/hlo_opt/gpu_specs/*.txtpb has the same
@@ -113,16 +108,13 @@ def compile_step(args, dump: pathlib.Path) -> str:
     mesh = Mesh(np.asarray(topology.devices).reshape(1, 1), ("data", "fsdp"))
     folder = step_bench.model_dir(args.model)
     pre = load_pretrained(str(folder))
-    config = step_bench.training_config()
-    encoder = SentenceEncoder(
-        pre.config,
-        pre.spec,
-        dtype=step_bench.DTYPES[args.dtype],
+    parts = step_bench.StepParts.build(
+        pre,
+        args.dtype,
         attention_kernel=args.attention_kernel,
-        attention_tiling=parse_tiling(args.attention_tiling),
+        attention_tiling=args.attention_tiling,
     )
-    optimizer, schedule = make_optimizer(config, step_bench.SCHEDULE_STEPS)
-    state = jax.eval_shape(lambda: init_state({"encoder": pre.params}, optimizer, config.seed))
+    state = jax.eval_shape(parts.init_state)
     replicated = NamedSharding(mesh, P())
     shardings = jax.tree.map(lambda _: replicated, state)
     state = jax.tree.map(
@@ -136,14 +128,7 @@ def compile_step(args, dump: pathlib.Path) -> str:
     batch = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=rows), host
     )
-    step = make_train_step(
-        model=DualEncoder(encoder),
-        optimizer=optimizer,
-        schedule=schedule,
-        config=config,
-        mesh=mesh,
-        state_shardings=shardings,
-    )
+    step = parts.jit(mesh, shardings)
     with _as_if_on_gpu():
         compiled = step.lower(state, batch).compile(
             compiler_options={"xla_dump_to": str(dump), "xla_gpu_dump_llvmir": True}
@@ -299,13 +284,8 @@ def main() -> None:
             "needs JAX's CUDA plugin (it compiles, no GPU needed): pip install "
             f'"jax-cuda12-plugin[with-cuda]=={jax.__version__}" (best in a venv; ~5 GB)'
         )
-    if args.dump_dir:
-        dump = pathlib.Path(args.dump_dir)
-        dump.mkdir(parents=True, exist_ok=True)
-        r = analyse(args, dump)
-    else:
-        with tempfile.TemporaryDirectory(prefix="embeddings-gpu-compile-") as folder:
-            r = analyse(args, pathlib.Path(folder))
+    with _timing.output_folder(args.dump_dir, "embeddings-gpu-compile-") as folder:
+        r = analyse(args, folder)
     print_report(r)
     if args.json:
         _timing.print_json(r)

@@ -49,6 +49,7 @@ sentence-transformers folder (safetensors).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gzip
 import itertools
 import json
@@ -187,6 +188,45 @@ def training_config(grad_cache_chunk: int = 0):
     return config
 
 
+@dataclasses.dataclass(frozen=True)
+class StepParts:
+    """What our step is made of for a loaded model (`bench/gpu_compile.py` shares it)."""
+
+    model: DualEncoder
+    optimizer: object
+    schedule: object
+    config: object  # configs/default.py's training recipe (`training_config`)
+    params: dict
+
+    @classmethod
+    def build(cls, pre, dtype, grad_cache_chunk=0, attention_kernel="auto", attention_tiling=""):
+        """`pre`: `load_pretrained`'s result; the others as `OurStep`'s arguments."""
+        config = training_config(grad_cache_chunk)
+        encoder = SentenceEncoder(
+            pre.config,
+            pre.spec,
+            dtype=DTYPES[dtype],
+            attention_kernel=attention_kernel,
+            attention_tiling=parse_tiling(attention_tiling),
+        )
+        optimizer, schedule = make_optimizer(config, SCHEDULE_STEPS)
+        return cls(DualEncoder(encoder), optimizer, schedule, config, {"encoder": pre.params})
+
+    def init_state(self):
+        return init_state(self.params, self.optimizer, self.config.seed)
+
+    def jit(self, mesh, state_shardings):
+        """The jitted train step over `mesh`."""
+        return make_train_step(
+            model=self.model,
+            optimizer=self.optimizer,
+            schedule=self.schedule,
+            config=self.config,
+            mesh=mesh,
+            state_shardings=state_shardings,
+        )
+
+
 class OurStep:
     """Our jitted training step and its state on a mesh of `devices`.
 
@@ -212,29 +252,13 @@ class OurStep:
         pre = load_pretrained(str(folder))
         self.config = pre.config
         self.tokenizer = load_tokenizer(pre.model_dir)
-        config = training_config(grad_cache_chunk)
-        encoder = SentenceEncoder(
-            pre.config,
-            pre.spec,
-            dtype=DTYPES[dtype],
-            attention_kernel=attention_kernel,
-            attention_tiling=parse_tiling(attention_tiling),
-        )
-        model = DualEncoder(encoder)
+        parts = StepParts.build(pre, dtype, grad_cache_chunk, attention_kernel, attention_tiling)
         self.mesh = make_mesh(devices=devices)
-        optimizer, schedule = make_optimizer(config, SCHEDULE_STEPS)
-        state = init_state({"encoder": pre.params}, optimizer, config.seed)
+        state = parts.init_state()
         # No FSDP in these benchmarks: every device holds the whole state.
         shardings = jax.tree.map(lambda _: replicated(self.mesh), state)
         self.state = jax.device_put(state, shardings)
-        self._step = make_train_step(
-            model=model,
-            optimizer=optimizer,
-            schedule=schedule,
-            config=config,
-            mesh=self.mesh,
-            state_shardings=shardings,
-        )
+        self._step = parts.jit(self.mesh, shardings)
 
     def device_batch(self, batch: dict, pack_levels: int = 0) -> dict:
         """Puts a host batch on the mesh, rows split over its devices; with

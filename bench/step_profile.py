@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a clone
@@ -173,13 +172,8 @@ def main() -> None:
     args = parser.parse_args()
     if min(args.steps, args.trace_steps) < 1:
         parser.error("--steps and --trace_steps must be at least 1")
-    if args.trace_dir:
-        trace_dir = pathlib.Path(args.trace_dir)
-        trace_dir.mkdir(parents=True, exist_ok=True)
-        r = measure(args, trace_dir)
-    else:
-        with tempfile.TemporaryDirectory(prefix="embeddings-profile-") as folder:
-            r = measure(args, pathlib.Path(folder))
+    with _timing.output_folder(args.trace_dir, "embeddings-profile-") as folder:
+        r = measure(args, folder)
     print_report(r)
     if args.json:
         _timing.print_json(r)
