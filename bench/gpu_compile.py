@@ -108,12 +108,7 @@ def compile_step(args, dump: pathlib.Path) -> str:
     mesh = Mesh(np.asarray(topology.devices).reshape(1, 1), ("data", "fsdp"))
     folder = step_bench.model_dir(args.model)
     pre = load_pretrained(str(folder))
-    parts = step_bench.StepParts.build(
-        pre,
-        args.dtype,
-        attention_kernel=args.attention_kernel,
-        attention_tiling=args.attention_tiling,
-    )
+    parts = step_bench.StepParts.build(pre, args.dtype, **step_bench.model_kernels(args))
     state = jax.eval_shape(parts.init_state)
     replicated = NamedSharding(mesh, P())
     shardings = jax.tree.map(lambda _: replicated, state)
@@ -216,8 +211,7 @@ def analyse(args, dump: pathlib.Path) -> dict:
         "gpu": GPUS[args.gpu]["name"],
         "model": str(args.model),
         **{k: getattr(args, k) for k in ("dtype", "batch_size", "max_length", "pack_levels")},
-        "attention_kernel": args.attention_kernel,
-        "attention_tiling": args.attention_tiling,
+        **step_bench.model_kernels(args),
         "full_length": args.full_length,
         "gigabytes": sum(c.bytes for c in costs.values()) / 1e9,
         "matmul_tflops": sum(c.flops for c in costs.values()) / 1e12,

@@ -8,7 +8,11 @@
 # OUT: receives suite.log (everything the rows print) and results.jsonl (each finished
 # row's JSON object, with "row" added). ROWs: which to run, in order; default all:
 #   mpnet_profile  MPNet-base bf16 256 x 128 full length: ms/step, MFU, where the time goes
+#   mpnet_norm     the same with the fused residual, dropout and LayerNorm kernels
+#                  (--norm_kernel pallas)
 #   mpnet_cublas   the same with XLA's Triton GEMMs off (cuBLAS for every matmul)
+#   mpnet_norm_cublas both: the fused LayerNorm kernels and cuBLAS (the lowest floor
+#                  of bench/gpu_compile.py)
 #   attention      fused vs XLA attention alone (bench/attention.py)
 #   attention_sweep the fused kernels' tilings (bench/attention.py --sweep; each tiling's
 #                  time is in suite.log as soon as it is measured)
@@ -26,8 +30,8 @@ set -u
 cd "$(dirname "$0")/.."
 prepared=$1 out=$2
 shift 2
-rows=${*:-mpnet_profile attention_sweep mpnet_tiled mpnet_cublas attention mpnet_vs_st pipeline \
-  minilm_profile attention_ncu}
+rows=${*:-mpnet_profile mpnet_norm attention_sweep mpnet_tiled mpnet_cublas mpnet_norm_cublas \
+  attention mpnet_vs_st pipeline minilm_profile attention_ncu}
 budget=${SUITE_SECONDS:-540}
 mkdir -p "$out"
 log=$out/suite.log
@@ -93,10 +97,14 @@ for name in $rows; do
   mpnet_profile)
     row "$name" 150 python3 bench/step_profile.py --model "$mpnet" --dtype bfloat16 \
       --full_length --trace_steps 3 --top 25 $big --json ;;
-  mpnet_cublas)
+  mpnet_norm)
+    row "$name" 100 python3 bench/step_profile.py --model "$mpnet" --dtype bfloat16 \
+      --full_length --norm_kernel pallas --trace_steps 2 --top 10 $big --json ;;
+  mpnet_cublas | mpnet_norm_cublas)
+    norm=$([ "$name" = mpnet_norm_cublas ] && echo pallas || echo xla)
     row "$name" 100 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" \
       python3 bench/step_profile.py --model "$mpnet" --dtype bfloat16 --full_length \
-      --trace_steps 2 --top 10 $big --json ;;
+      --norm_kernel "$norm" --trace_steps 2 --top 10 $big --json ;;
   attention)
     row "$name" 60 python3 bench/attention.py $attention --json ;;
   attention_sweep)
@@ -145,8 +153,9 @@ for line in open(sys.argv[1]):
     summary = {k: round(r[k], 4) for k in keys if isinstance(r.get(k), (int, float))}
     for mode in r.get("results", []) if isinstance(r.get("results"), list) else []:
         summary[f"{mode['padding']}, {mode['workers']} workers"] = round(mode["pairs_per_second"])
-    if r.get("attention_tiling"):
-        summary["attention_tiling"] = r["attention_tiling"]
+    for key in ("attention_tiling", "norm_kernel"):
+        if r.get(key) and r[key] != "xla":
+            summary[key] = r[key]
     if isinstance(r.get("best"), dict):
         summary["best tiling"] = r["best"]
     print(r["row"], summary)

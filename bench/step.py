@@ -3,7 +3,7 @@
     python bench/step.py [--json] [--dtype float32|bfloat16] [--batch_size 64] \
         [--max_length 128] [--steps 5] [--warmup 2] [--model minilm|tiny|PATH] \
         [--pack_levels 8] [--attention_kernel auto|xla|pallas] [--attention_tiling ...] \
-        [--full_length]
+        [--norm_kernel xla|pallas] [--full_length]
 
 One step = forward of both columns of a batch of (anchor, positive) pairs, the
 symmetric in-batch negatives loss (cosine x 20), backward, grad-norm clipping
@@ -199,7 +199,15 @@ class StepParts:
     params: dict
 
     @classmethod
-    def build(cls, pre, dtype, grad_cache_chunk=0, attention_kernel="auto", attention_tiling=""):
+    def build(
+        cls,
+        pre,
+        dtype,
+        grad_cache_chunk=0,
+        attention_kernel="auto",
+        attention_tiling="",
+        norm_kernel="xla",
+    ):
         """`pre`: `load_pretrained`'s result; the others as `OurStep`'s arguments."""
         config = training_config(grad_cache_chunk)
         encoder = SentenceEncoder(
@@ -208,6 +216,7 @@ class StepParts:
             dtype=DTYPES[dtype],
             attention_kernel=attention_kernel,
             attention_tiling=parse_tiling(attention_tiling),
+            norm_kernel=norm_kernel,
         )
         optimizer, schedule = make_optimizer(config, SCHEDULE_STEPS)
         return cls(DualEncoder(encoder), optimizer, schedule, config, {"encoder": pre.params})
@@ -237,6 +246,7 @@ class OurStep:
       devices: devices of the (data-parallel) mesh; default all.
       attention_kernel: config.model.attention_kernel ("auto", "xla", "pallas").
       attention_tiling: config.model.attention_tiling ("" = the kernels' defaults).
+      norm_kernel: config.model.norm_kernel ("xla", "pallas").
     """
 
     def __init__(
@@ -248,11 +258,14 @@ class OurStep:
         devices=None,
         attention_kernel="auto",
         attention_tiling="",
+        norm_kernel="xla",
     ):
         pre = load_pretrained(str(folder))
         self.config = pre.config
         self.tokenizer = load_tokenizer(pre.model_dir)
-        parts = StepParts.build(pre, dtype, grad_cache_chunk, attention_kernel, attention_tiling)
+        parts = StepParts.build(
+            pre, dtype, grad_cache_chunk, attention_kernel, attention_tiling, norm_kernel
+        )
         self.mesh = make_mesh(devices=devices)
         state = parts.init_state()
         # No FSDP in these benchmarks: every device holds the whole state.
@@ -350,8 +363,7 @@ def serve(args) -> None:
             folder,
             dtype=args.dtype,
             devices=jax.devices()[:1],
-            attention_kernel=args.attention_kernel,
-            attention_tiling=args.attention_tiling,
+            **model_kernels(args),
         )
         batch = ours.device_batch(host, args.pack_levels)
         facts["model_flops_per_step"] = flops.train_step_flops(
@@ -398,8 +410,7 @@ def measure(args) -> dict:
         "batch_size": args.batch_size,
         "max_length": args.max_length,
         "pack_levels": args.pack_levels,
-        "attention_kernel": args.attention_kernel,
-        "attention_tiling": args.attention_tiling,
+        **model_kernels(args),
         "full_length": args.full_length,
         "padding": args.padding,
         "steps": args.steps,
@@ -445,8 +456,15 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="last line: one JSON object")
 
 
+def model_kernels(args) -> dict:
+    """The kernel options of our model from `add_batch_args`' flags (`OurStep`'s
+    and `StepParts.build`'s keyword arguments, and the JSON's fields)."""
+    return {k: getattr(args, k) for k in ("attention_kernel", "attention_tiling", "norm_kernel")}
+
+
 def add_batch_args(parser: argparse.ArgumentParser) -> None:
     """--batch_size, --max_length, --pack_levels, --attention_kernel, --attention_tiling,
+    --norm_kernel,
     --full_length, --padding: the batch and step settings of our side (bench/step_profile.py
     shares them)."""
     parser.add_argument("--batch_size", type=int, default=64, help="pairs per step")
@@ -467,6 +485,12 @@ def add_batch_args(parser: argparse.ArgumentParser) -> None:
         "--attention_tiling",
         default="",
         help='ours: config.model.attention_tiling, e.g. "backward_key_block=64" ("" = defaults)',
+    )
+    parser.add_argument(
+        "--norm_kernel",
+        default="xla",
+        choices=("xla", "pallas"),
+        help="ours: config.model.norm_kernel (pallas = fused residual, dropout and LayerNorm)",
     )
     parser.add_argument(
         "--full_length",

@@ -2,8 +2,8 @@
 
     python bench/step_profile.py [--json] [--model minilm|tiny|PATH] [--dtype float32|bfloat16] \
         [--batch_size 64] [--max_length 128] [--full_length] [--padding max_length|longest] \
-        [--pack_levels 8] [--attention_kernel auto|xla|pallas] [--steps 5] [--warmup 2] \
-        [--trace_steps 3] [--top 15] [--trace_dir DIR]
+        [--pack_levels 8] [--attention_kernel auto|xla|pallas] [--norm_kernel xla|pallas] \
+        [--steps 5] [--warmup 2] [--trace_steps 3] [--top 15] [--trace_dir DIR]
 
 Builds the same step and batch as bench/step.py's "ours" side (one device),
 times --steps steps after --warmup (median: ms/step, pairs/s and, on a GPU,
@@ -51,8 +51,7 @@ def measure(args, trace_dir: pathlib.Path) -> dict:
         folder,
         dtype=args.dtype,
         devices=jax.devices()[:1],
-        attention_kernel=args.attention_kernel,
-        attention_tiling=args.attention_tiling,
+        **step_bench.model_kernels(args),
     )
     batch = ours.device_batch(host, args.pack_levels)
     hlo = ours.hlo_text(batch)
@@ -97,8 +96,7 @@ def measure(args, trace_dir: pathlib.Path) -> dict:
         "full_length": args.full_length,
         "padding": args.padding,
         "pack_levels": args.pack_levels,
-        "attention_kernel": args.attention_kernel,
-        "attention_tiling": args.attention_tiling,
+        **step_bench.model_kernels(args),
         "steps": args.steps,
         "trace_steps": args.trace_steps,
         "step_seconds": step_s,

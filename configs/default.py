@@ -78,6 +78,11 @@ def get_config() -> ml_collections.ConfigDict:
             # "backward_key_block=64"; "" = its defaults (the fastest measured on
             # an H100). `python bench/attention.py --sweep` times tilings on a GPU.
             attention_tiling="",
+            # Each sublayer's residual add, hidden dropout and LayerNorm: "xla" =
+            # separate XLA passes; "pallas" = one fused kernel each way
+            # (models/norm_kernel.py; interpreted, slowly, off a GPU). Same results
+            # and dropout masks either way; not yet timed on a GPU, so not the default.
+            norm_kernel="xla",
             # Run embeddings, projections, feed-forward and LayerNorms on real tokens
             # only (attention stays padded; same result, ~1/(1 - padding share)
             # less work there). N > 0 rounds each column's packed size up to one of

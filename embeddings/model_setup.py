@@ -108,6 +108,7 @@ def build_model(config: ml_collections.ConfigDict, *, seed: int | None = None) -
         remat=m.remat,
         attention_kernel=m.attention_kernel,
         attention_tiling=parse_tiling(m.attention_tiling),
+        norm_kernel=m.norm_kernel,
     )
     model = DualEncoder(encoder, m.tied)
 

@@ -190,8 +190,9 @@ def test_gpu_suite_runs_its_rows_and_collects_their_json(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "SUITE_QUICK": "1", "XLA_FLAGS": "--xla_backend_optimization_level=0"}
     suite = [str(REPO / "bench" / "gpu_suite.sh"), str(tmp_path / "prepared"), str(out)]
+    rows = ("mpnet_norm", "attention", "attention_sweep", "mpnet_tiled", "pipeline", "nonsense")
     done = subprocess.run(
-        ["bash", *suite, "attention", "attention_sweep", "mpnet_tiled", "pipeline", "nonsense"],
+        ["bash", *suite, *rows],
         capture_output=True,
         text=True,
         env=env,
@@ -202,6 +203,9 @@ def test_gpu_suite_runs_its_rows_and_collects_their_json(tmp_path):
     assert (models / "all-mpnet-base-v2" / "model.safetensors").is_file()
     assert (models / "all-MiniLM-L6-v2" / "model.safetensors").is_file()
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    norm = rows.pop(0)  # the MPNet profile with the fused LayerNorm kernels
+    assert norm["row"] == "mpnet_norm" and norm["norm_kernel"] == "pallas"
+    assert "'norm_kernel': 'pallas'" in done.stdout
     # mpnet_tiled profiles MPNet with the sweep's fastest tiling, unless that is the
     # default (the quick sweep's timings are noise: either may happen).
     best = attention_kernel.format_tiling(attention_kernel.Tiling(**rows[1]["best"]))

@@ -39,6 +39,8 @@ class Encoder(nnx.Module):
             checkpointing): less activation memory for one more forward per layer.
         attention_kernel: "auto", "xla" or "pallas" (`layers.attend`).
         attention_tiling: The Pallas kernels' `Tiling` (None: its defaults).
+        norm_kernel: "xla" or "pallas": how residual adds, hidden dropout and
+            LayerNorms run (`layers.add_and_norm`).
     """
 
     def __init__(
@@ -50,6 +52,7 @@ class Encoder(nnx.Module):
         remat: bool = False,
         attention_kernel: str = "auto",
         attention_tiling: Tiling | None = None,
+        norm_kernel: str = "xla",
     ):
         if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
             raise ValueError(f"Encoder dtype must be float32 or bfloat16, got {dtype}.")
@@ -69,6 +72,7 @@ class Encoder(nnx.Module):
                     dtype=dtype,
                     attention_kernel=attention_kernel,
                     attention_tiling=attention_tiling,
+                    norm_kernel=norm_kernel,
                 )
                 for _ in range(config.num_layers)
             ]

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from embeddings.models import attention_kernel
+from embeddings.models import attention_kernel, norm_kernel
 from embeddings.models.attention_kernel import Tiling
 from embeddings.models.config import MPNET_POSITION_BUCKETS, EncoderConfig
 from embeddings.models.dropout import Dropout, dropout, seed_words
@@ -62,6 +62,17 @@ def _linear(config, in_features, out_features, dtype, rngs) -> nnx.Linear:
         param_dtype=jnp.float32,
         rngs=rngs,
     )
+
+
+def _without_bias(linear: nnx.Linear, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`linear(x)` split into its matmul and its bias, both in the compute dtype:
+    `add_and_norm` adds the bias (inside its fused kernel), so `y + bias` is the
+    very sum `linear(x)` computes."""
+    x, kernel, bias = linear.promote_dtype(
+        (x, linear.kernel[...], linear.bias[...]), dtype=linear.dtype
+    )
+    y = linear.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=linear.precision)
+    return y, bias
 
 
 def _layer_norm(config, dtype, rngs) -> nnx.LayerNorm:
@@ -211,11 +222,27 @@ def use_fused_attention(kernel: str, shape: tuple[int, ...]) -> bool:
     return jax.default_backend() == "gpu" and attention_kernel.measured_faster(length, head_dim)
 
 
+def _on_device_rows(local, sharded, replicated):
+    """`local(*sharded, *replicated, offset=0)` on the global arrays: under a mesh
+    each device runs it on its own rows (dimension 0 of `sharded`; a custom call
+    cannot be split by XLA), with `offset` the global index of its first row."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return local(*sharded, *replicated)
+    axes = mesh.axis_names
+
+    def shard(*operands):
+        return local(*operands, offset=jax.lax.axis_index(axes) * operands[0].shape[0])
+
+    specs = (P(axes),) * len(sharded) + (P(),) * len(replicated)
+    return jax.shard_map(shard, mesh=mesh, in_specs=specs, out_specs=P(axes), check_vma=False)(
+        *sharded, *replicated
+    )
+
+
 def _attend_fused(q, k, v, mask, bias, seed, rate, tiling):
-    """`attention_kernel.attention` on the global batch: under a mesh each device
-    runs the kernels on its own rows (a custom call cannot be split by XLA)."""
+    """`attention_kernel.attention` on the global batch (per device under a mesh)."""
     interpret = jax.default_backend() != "gpu"
-    operands = (q, k, v, mask, seed) + (() if bias is None else (bias.reshape(bias.shape[-3:]),))
 
     def local(q, k, v, mask, seed, bias=None, offset=0):
         return attention_kernel.attention(
@@ -231,19 +258,8 @@ def _attend_fused(q, k, v, mask, bias, seed, rate, tiling):
             tiling=tiling,
         )
 
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
-        return local(*operands)
-    axes = mesh.axis_names
-
-    def shard(q, k, v, mask, seed, *bias):
-        return local(q, k, v, mask, seed, *bias, offset=jax.lax.axis_index(axes) * q.shape[0])
-
-    rows = P(axes)
-    specs = (rows, rows, rows, rows, P()) + (() if bias is None else (P(),))
-    return jax.shard_map(shard, mesh=mesh, in_specs=specs, out_specs=rows, check_vma=False)(
-        *operands
-    )
+    replicated = (seed,) + (() if bias is None else (bias.reshape(bias.shape[-3:]),))
+    return _on_device_rows(local, (q, k, v, mask), replicated)
 
 
 def attend(
@@ -287,6 +303,51 @@ def attend(
     return jnp.einsum("bnts,bsnh->btnh", probs, v)
 
 
+NORM_KERNELS = ("xla", "pallas")
+
+
+def add_and_norm(
+    norm: nnx.LayerNorm, y, x, *, y_bias=None, rate=0.0, dropout_rng=None, kernel="xla"
+):
+    """`norm(dropout(y + y_bias) + x)`, the end of each encoder sublayer.
+
+    `y_bias` (optional) is the bias of the projection that made `y`, in the compute
+    dtype, as `nnx.Linear` would have added it. With `kernel="pallas"`
+    (`config.model.norm_kernel`) it is one fused kernel each way (`norm_kernel.py`;
+    interpreted, slowly, off a GPU); with "xla" the separate passes XLA compiles.
+    Both draw the same dropout mask from `dropout_rng` (None: no dropout) and agree
+    to float32 rounding.
+    """
+    if kernel not in NORM_KERNELS:
+        raise ValueError(f"norm kernel {kernel!r}: use one of {NORM_KERNELS}.")
+    rate = rate if dropout_rng is not None else 0.0
+    tokens = math.prod(x.shape[:-1])
+    if kernel == "xla" or not norm_kernel.supports(tokens, x.shape[-1]):
+        y = y if y_bias is None else y + y_bias
+        return norm((dropout(y, rate, dropout_rng) if rate else y) + x)
+    interpret = jax.default_backend() != "gpu"
+    seed = seed_words(dropout_rng) if rate else jnp.zeros((2,), jnp.uint32)
+
+    def local(y, x, seed, y_bias, scale, bias, offset=0):
+        return norm_kernel.residual_layer_norm(
+            y,
+            x,
+            scale,
+            bias,
+            seed,
+            y_bias=y_bias,
+            rate=rate,
+            epsilon=norm.epsilon,
+            out_dtype=norm.dtype or x.dtype,
+            row_offset=offset * math.prod(x.shape[1:-1]),
+            interpret=interpret,
+        )
+
+    if y_bias is None:
+        y_bias = jnp.zeros(x.shape[-1:], y.dtype)
+    return _on_device_rows(local, (y, x), (seed, y_bias, norm.scale.value, norm.bias.value))
+
+
 class SelfAttention(nnx.Module):
     """Multi-head self-attention: query/key/value projections, attention, output projection.
 
@@ -315,7 +376,9 @@ class SelfAttention(nnx.Module):
         self.value = _linear(config, hidden, hidden, dtype, rngs)
         self.output = _linear(config, hidden, hidden, dtype, rngs)
 
-    def __call__(self, x, mask, bias=None, *, packer=None, deterministic=True, rngs=None):
+    def __call__(
+        self, x, mask, bias=None, *, packer=None, deterministic=True, rngs=None, output_bias=True
+    ):
         """Attends hidden states to themselves.
 
         Args:
@@ -324,9 +387,11 @@ class SelfAttention(nnx.Module):
             mask: [B, L] attention mask.
             bias: Optional attention-logit bias (MPNet).
             packer: A `packing.Packer`, or None for padded inputs.
+            output_bias: False: return the output projection's matmul and its bias
+                apart, as (y, bias), for `add_and_norm`.
 
         Returns:
-            The same shape as `x`.
+            The same shape as `x` (or that and the bias).
         """
         padded = packer.unpack if packer is not None else lambda t: t
         q, k, v = (padded(projection(x)) for projection in (self.query, self.key, self.value))
@@ -351,11 +416,16 @@ class SelfAttention(nnx.Module):
             kernel=self.kernel,
             tiling=self.tiling,
         ).reshape(batch, length, hidden)
-        return self.output(out if packer is None else packer.pack(out))
+        out = out if packer is None else packer.pack(out)
+        return self.output(out) if output_bias else _without_bias(self.output, out)
 
 
 class TransformerLayer(nnx.Module):
-    """One post-LayerNorm encoder layer (attention block, then feed-forward block)."""
+    """One post-LayerNorm encoder layer (attention block, then feed-forward block).
+
+    `norm_kernel` is `config.model.norm_kernel`: how each block's residual add,
+    dropout and LayerNorm run (see `add_and_norm`).
+    """
 
     def __init__(
         self,
@@ -365,7 +435,11 @@ class TransformerLayer(nnx.Module):
         dtype=jnp.float32,
         attention_kernel: str = "auto",
         attention_tiling: Tiling | None = None,
+        norm_kernel: str = "xla",
     ):
+        if norm_kernel not in NORM_KERNELS:
+            raise ValueError(f"norm kernel {norm_kernel!r}: use one of {NORM_KERNELS}.")
+        self.norm_kernel = norm_kernel
         self.attention = SelfAttention(
             config, rngs=rngs, dtype=dtype, kernel=attention_kernel, tiling=attention_tiling
         )
@@ -381,12 +455,31 @@ class TransformerLayer(nnx.Module):
     def __call__(self, x, mask, bias=None, *, packer=None, deterministic=True, rngs=None):
         """Maps hidden states [B, L, H] (or packed [G, T, H] with `packer`) to the same
         shape; `mask` is the [B, L] attention mask."""
-        attended = self.attention(
-            x, mask, bias, packer=packer, deterministic=deterministic, rngs=rngs
+        attended, attended_bias = self.attention(
+            x, mask, bias, packer=packer, deterministic=deterministic, rngs=rngs, output_bias=False
         )
-        if self.dropout_after_attention:
-            attended = self.dropout(attended, deterministic=deterministic, rngs=rngs)
-        x = self.attention_norm(attended + x)
-        y = self.output(self.activation(self.intermediate(x)))
-        y = self.dropout(y, deterministic=deterministic, rngs=rngs)
-        return self.output_norm(y + x)
+        drop_attended = self.dropout_after_attention
+        x = self._add_and_norm(
+            self.attention_norm, (attended, attended_bias), x, drop_attended, deterministic, rngs
+        )
+        y = _without_bias(self.output, self.activation(self.intermediate(x)))
+        return self._add_and_norm(self.output_norm, y, x, True, deterministic, rngs)
+
+    def _add_and_norm(self, norm, projected, x, drop, deterministic, rngs):
+        """`norm(dropout(y + bias) + x)` of `projected` = (y, bias), with this layer's
+        hidden dropout where `drop`."""
+        rng = None
+        if drop and not deterministic and self.dropout.rate > 0.0:
+            if rngs is None:
+                raise ValueError("deterministic=False needs rngs with a 'dropout' stream.")
+            rng = rngs.dropout()
+        y, bias = projected
+        return add_and_norm(
+            norm,
+            y,
+            x,
+            y_bias=bias,
+            rate=self.dropout.rate,
+            dropout_rng=rng,
+            kernel=self.norm_kernel,
+        )

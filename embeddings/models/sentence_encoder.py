@@ -56,6 +56,8 @@ class SentenceEncoder:
             "xla" or "pallas" (`layers.attend`).
         attention_tiling: How the Pallas kernels split their work
             (`attention_kernel.Tiling`; None: its defaults). Speed only.
+        norm_kernel: "xla" or "pallas" (the fused residual, dropout and LayerNorm
+            kernels, `layers.add_and_norm`). Speed only.
     """
 
     def __init__(
@@ -67,6 +69,7 @@ class SentenceEncoder:
         remat: bool = False,
         attention_kernel: str = "auto",
         attention_tiling: Tiling | None = None,
+        norm_kernel: str = "xla",
     ):
         if spec.pooling not in POOLING_MODES:
             raise ValueError(f"SentenceSpec.pooling={spec.pooling!r}; use one of {POOLING_MODES}.")
@@ -76,6 +79,7 @@ class SentenceEncoder:
         self.remat = remat
         self.attention_kernel = attention_kernel
         self.attention_tiling = attention_tiling
+        self.norm_kernel = norm_kernel
         # Abstract build: shapes only, no parameter memory or random numbers.
         abstract = nnx.eval_shape(lambda: self._build(nnx.Rngs(0)))
         self.graphdef, _ = nnx.split(abstract)
@@ -89,6 +93,7 @@ class SentenceEncoder:
             remat=self.remat,
             attention_kernel=self.attention_kernel,
             attention_tiling=self.attention_tiling,
+            norm_kernel=self.norm_kernel,
         )
 
     def init(self, rng: jax.Array) -> dict:
