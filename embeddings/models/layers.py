@@ -338,7 +338,7 @@ def add_and_norm(
             y_bias=y_bias,
             rate=rate,
             epsilon=norm.epsilon,
-            out_dtype=norm.dtype or x.dtype,
+            out_dtype=norm.dtype or jnp.result_type(x, scale, bias),  # as nnx.LayerNorm
             row_offset=offset * math.prod(x.shape[1:-1]),
             interpret=interpret,
         )
