@@ -62,6 +62,8 @@ BACKWARD_SWEEP = [
     {"backward_programs_per_head": 16},
     _SPLIT,
     {**_SPLIT, "query_gradient_block": 64, "query_gradient_warps": 4},
+    # Every matmul a Hopper warpgroup MMA (64-row tiles; bench/gpu_compile.py's wgmma share).
+    {**_SPLIT, "backward_block": 64, "query_gradient_block": 64, "query_gradient_warps": 4},
     {**_SPLIT, "query_gradient_warps": 4},
     {**_SPLIT, "backward_block": 16},
     {**_SPLIT, "backward_key_block": 32},

@@ -162,11 +162,29 @@ def blocks_per_sm(registers: int, threads: int) -> int:
     return min(REGISTERS_PER_SM // (allocated * threads), THREADS_PER_SM // threads)
 
 
+_MMA = re.compile(r"\b(wgmma\.mma_async|mma\.sync)\S*?\.m(\d+)n(\d+)k(\d+)\b")
+
+
+def wgmma_share(ptx: str, warps: int) -> float | None:
+    """The share of a kernel's tensor-core multiply-adds that its PTX issues as
+    Hopper's warpgroup MMAs (`wgmma`, one per 4 warps) rather than per-warp
+    `mma.sync` (Ampere's, which Triton falls back to for tiles under 64 rows),
+    counted over the code as written (a loop body once); None without MMAs."""
+    work = {"wgmma.mma_async": 0, "mma.sync": 0}
+    for kind, m, n, k in _MMA.findall(ptx):
+        issuers = warps // 4 if kind == "wgmma.mma_async" else warps
+        work[kind] += int(m) * int(n) * int(k) * issuers
+    total = sum(work.values())
+    return work["wgmma.mma_async"] / total if total else None
+
+
 def kernel_registers(dump: pathlib.Path, kernels: dict[str, dict], ptxas: str) -> list[dict]:
-    """ptxas's registers and spills of each kernel's PTX, and what they allow per SM."""
+    """ptxas's registers and spills of each kernel's PTX, what they allow per SM,
+    and the share of its MMA work on Hopper's warpgroup instructions."""
     out = []
     for ptx in sorted(dump.glob("*.ptx")):
-        entry = re.search(r"\.entry\s+(\w+)\(", ptx.read_text())
+        text = ptx.read_text()
+        entry = re.search(r"\.entry\s+(\w+)\(", text)
         if entry is None or entry.group(1) not in kernels:
             continue
         name = entry.group(1)
@@ -190,6 +208,7 @@ def kernel_registers(dump: pathlib.Path, kernels: dict[str, dict], ptxas: str) -
                 "spilled_bytes": spilled,
                 "blocks_per_sm": per_sm,
                 "waves": blocks / (SMS * per_sm) if per_sm else float("inf"),
+                "wgmma_share": wgmma_share(text, kernels[name]["warps"]),
             }
         )
     return out
@@ -247,7 +266,16 @@ def print_report(r: dict) -> None:
     if r["kernels"]:
         print()
         _timing.print_table(
-            ["kernel", "grid", "warps", "registers", "spilled bytes", "blocks/SM", "waves"],
+            [
+                "kernel",
+                "grid",
+                "warps",
+                "registers",
+                "spilled bytes",
+                "blocks/SM",
+                "waves",
+                "wgmma share",
+            ],
             [
                 [
                     k["kernel"],
@@ -257,6 +285,7 @@ def print_report(r: dict) -> None:
                     k["spilled_bytes"],
                     k["blocks_per_sm"],
                     f"{k['waves']:.1f}",
+                    "-" if k["wgmma_share"] is None else f"{k['wgmma_share']:.0%}",
                 ]
                 for k in r["kernels"]
             ],

@@ -116,3 +116,20 @@ def test_triton_kernels_and_their_occupancy():
     assert gpu_compile.blocks_per_sm(255, 256) == 1
     assert gpu_compile.blocks_per_sm(78, 256) == 3
     assert gpu_compile.blocks_per_sm(32, 128) == 16
+
+
+def test_wgmma_share_weighs_each_instruction_by_its_work():
+    """PTX lines as Triton writes them for sm_90: a warpgroup MMA m64n128k16 is
+    64*128*16 multiply-adds per 4 warps, a per-warp mma.sync m16n8k16 16*8*16 per
+    warp; fences and other wgmma instructions are not MMAs."""
+    ptx = """
+\twgmma.fence.sync.aligned;
+\twgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%r1,%r2}, %rd30, %rd31, 0, 1, 1, 0, 0;
+\twgmma.commit_group.sync.aligned;
+\tmma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 { %r243 }, { %r231 }, { %r235 }, { %r243 };
+\tmma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 { %r253 }, { %r231 }, { %r237 }, { %r253 };
+"""
+    wgmma = 64 * 128 * 16 * 2  # 8 warps: two warpgroups
+    mma_sync = 2 * 16 * 8 * 16 * 8  # two instructions, eight warps
+    assert gpu_compile.wgmma_share(ptx, warps=8) == wgmma / (wgmma + mma_sync)
+    assert gpu_compile.wgmma_share("\tadd.f32 %f1, %f2, %f3;", warps=4) is None
