@@ -10,11 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from encoder_kernels import assert_kernels_train_as_xla, tiny_config
 
 from embeddings.models import attention_kernel, layers
-from embeddings.models.config import EncoderConfig
-from embeddings.models.packing import batch_token_index
-from embeddings.models.sentence_encoder import SentenceEncoder, SentenceSpec
 from embeddings.sharding import batch_sharding, make_mesh
 
 
@@ -239,43 +237,13 @@ def test_sharded_kernels_equal_one_device():
 def test_encoder_with_kernels_equals_xla_in_training():
     """A whole MPNet encoder (relative-position bias, packed dense layers) in training
     mode: the same hidden states and parameter gradients with either kernel."""
-    config = EncoderConfig(
-        model_type="mpnet",
-        vocab_size=64,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=40,
-        pad_token_id=1,
-        type_vocab_size=0,
-        relative_attention_num_buckets=32,
-    )
-    spec = SentenceSpec(pooling="mean", normalize=True)
-    encoders = {k: SentenceEncoder(config, spec, attention_kernel=k) for k in ("xla", "pallas")}
     split = attention_kernel.parse_tiling("backward_key_block=16,backward_programs_per_head=2")
-    encoders["split"] = SentenceEncoder(
-        config, spec, attention_kernel="pallas", attention_tiling=split
+    assert_kernels_train_as_xla(
+        tiny_config("mpnet", 32),
+        32,
+        pallas={"attention_kernel": "pallas"},
+        split={"attention_kernel": "pallas", "attention_tiling": split},
     )
-    params = encoders["xla"].init(jax.random.PRNGKey(0))
-    rng = np.random.default_rng(0)
-    mask = jnp.asarray(np.arange(32)[None] < rng.integers(3, 33, 4)[:, None], jnp.int32)
-    ids = jnp.where(mask == 1, jnp.asarray(rng.integers(3, 64, (4, 32))), 1)
-    (index,) = batch_token_index([np.asarray(mask)], 1, 8)
-    assert index is not None
-
-    def loss(params, encoder):
-        out = encoder.embed(params, ids, mask, token_index=index, dropout_rng=jax.random.PRNGKey(5))
-        return jnp.sum(out * jnp.arange(out.size).reshape(out.shape) / out.size)
-
-    results = {k: jax.value_and_grad(loss)(params, e) for k, e in encoders.items()}
-    for kernels in ("pallas", "split"):
-        np.testing.assert_allclose(results[kernels][0], results["xla"][0], rtol=1e-5)
-        jax.tree.map(
-            lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6),
-            results[kernels][1],
-            results["xla"][1],
-        )
 
 
 def test_config_tiling_reaches_the_model():

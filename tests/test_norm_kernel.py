@@ -10,12 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from encoder_kernels import assert_kernels_train_as_xla, tiny_config
 from flax import nnx
 
 from embeddings.models import layers, norm_kernel
-from embeddings.models.config import EncoderConfig
-from embeddings.models.packing import batch_token_index
-from embeddings.models.sentence_encoder import SentenceEncoder, SentenceSpec
 from embeddings.sharding import batch_sharding, make_mesh
 
 
@@ -38,19 +36,23 @@ def _inputs(shape, dtype=jnp.float32, seed=0):
 
 
 def _value_and_grads(kernel, norm, y, x, weights, rate):
-    """A weighted sum of `add_and_norm` and its gradients for y, x, scale and bias."""
+    """A weighted sum of `add_and_norm` with a projection bias, and its gradients for
+    y, the projection bias, x, and the LayerNorm's scale and bias."""
     graphdef, _ = nnx.split(norm)
+    y_bias = jnp.asarray(np.random.default_rng(9).normal(size=y.shape[-1:]), y.dtype)
 
-    def loss(y, x, scale, bias):
+    def loss(y, y_bias, x, scale, bias):
         params = nnx.merge(
             graphdef, nnx.State({"scale": nnx.Param(scale), "bias": nnx.Param(bias)})
         )
         key = jax.random.PRNGKey(7)
-        out = layers.add_and_norm(params, y, x, rate=rate, dropout_rng=key, kernel=kernel)
+        out = layers.add_and_norm(
+            params, y, x, y_bias=y_bias, rate=rate, dropout_rng=key, kernel=kernel
+        )
         return jnp.sum(out.astype(jnp.float32) * weights)
 
-    args = (y, x, norm.scale.value, norm.bias.value)
-    return jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(*args)
+    args = (y, y_bias, x, norm.scale.value, norm.bias.value)
+    return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))(*args)
 
 
 def _assert_close(got, want, rtol=1e-5, atol=2e-5):
@@ -86,7 +88,8 @@ def test_forward_equals_a_float64_layer_norm():
     ],
 )
 def test_kernels_equal_xla_float32(shape, rate):
-    """Output and gradients (y, x, scale, bias) equal XLA's to float32 rounding."""
+    """Output and gradients (y, projection bias, x, scale, bias) equal XLA's to
+    float32 rounding."""
     y, x, weights = _inputs(shape, seed=len(shape) + shape[-1])
     norm = _norm(shape[-1])
     want = _value_and_grads("xla", norm, y, x, weights, rate)
@@ -94,16 +97,28 @@ def test_kernels_equal_xla_float32(shape, rate):
     _assert_close(got, want)
 
 
-def test_kernels_equal_xla_bfloat16():
-    """In bf16 (sum and output in bf16, statistics in float32) they agree to bf16
-    rounding: an element differs by at most one bf16 step of its size."""
+def test_kernels_in_bfloat16_are_as_close_to_float32_as_xla():
+    """In bf16 (bias, sum and output in bf16, statistics in float32) the rounding
+    differs from XLA's, so both are held against the float32 computation on the
+    same (bf16-valued) inputs: the kernels' output and every gradient are at
+    least as close to it as XLA's bf16 path (which reduces some gradients in bf16;
+    the kernels sum them in float32)."""
     y, x, weights = _inputs((6, 8, 40), jnp.bfloat16, seed=2)
-    norm = _norm(40, jnp.bfloat16)
-    want = _value_and_grads("xla", norm, y, x, weights, 0.1)
-    got = _value_and_grads("pallas", norm, y, x, weights, 0.1)
-    assert got[1][0].dtype == got[1][1].dtype == jnp.bfloat16
-    _assert_close(got, want, rtol=2e-2, atol=2e-2)
-    out = layers.add_and_norm(norm, y, x, kernel="pallas")
+    xla = _value_and_grads("xla", _norm(40, jnp.bfloat16), y, x, weights, 0.1)
+    got = _value_and_grads("pallas", _norm(40, jnp.bfloat16), y, x, weights, 0.1)
+    exact = _value_and_grads(
+        "xla", _norm(40), y.astype(jnp.float32), x.astype(jnp.float32), weights, 0.1
+    )
+    assert all(g.dtype == jnp.bfloat16 for g in got[1][:3])
+
+    def error(result, i):
+        value = result[0] if i is None else result[1][i]
+        want = exact[0] if i is None else exact[1][i]
+        return np.abs(np.asarray(value, np.float64) - np.asarray(want, np.float64)).max()
+
+    for i in (None, 0, 1, 2, 3, 4):
+        assert error(got, i) <= 1.25 * error(xla, i) + 1e-3, i
+    out = layers.add_and_norm(_norm(40, jnp.bfloat16), y, x, kernel="pallas")
     assert out.dtype == jnp.bfloat16
 
 
@@ -182,37 +197,8 @@ def test_sharded_kernels_equal_one_device():
 def test_encoder_with_norm_kernel_equals_xla_in_training(model_type):
     """A whole encoder in training mode (dropout on, packed dense layers; BERT also
     drops the attention output): the same embeddings and parameter gradients."""
-    config = EncoderConfig(
-        model_type=model_type,
-        vocab_size=64,
-        hidden_size=24,
-        num_layers=2,
-        num_heads=2,
-        intermediate_size=48,
-        max_position_embeddings=40,
-        pad_token_id=1,
-        type_vocab_size=0 if model_type == "mpnet" else 2,
-        relative_attention_num_buckets=32 if model_type == "mpnet" else 0,
-    )
-    spec = SentenceSpec(pooling="mean", normalize=True)
-    encoders = {k: SentenceEncoder(config, spec, norm_kernel=k) for k in ("xla", "pallas")}
-    params = encoders["xla"].init(jax.random.PRNGKey(0))
-    rng = np.random.default_rng(0)
-    mask = jnp.asarray(np.arange(20)[None] < rng.integers(3, 21, 4)[:, None], jnp.int32)
-    ids = jnp.where(mask == 1, jnp.asarray(rng.integers(3, 64, (4, 20))), 1)
-    (index,) = batch_token_index([np.asarray(mask)], 1, 8)
-
-    def loss(params, encoder):
-        out = encoder.embed(params, ids, mask, token_index=index, dropout_rng=jax.random.PRNGKey(5))
-        return jnp.sum(out * jnp.arange(out.size).reshape(out.shape) / out.size)
-
-    (want, want_grads), (got, got_grads) = (
-        jax.value_and_grad(loss)(params, encoders[k]) for k in ("xla", "pallas")
-    )
-    np.testing.assert_allclose(got, want, rtol=1e-5)
-    jax.tree.map(
-        lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6), got_grads, want_grads
-    )
+    config = tiny_config(model_type, 24)
+    assert_kernels_train_as_xla(config, 20, pallas={"norm_kernel": "pallas"})
 
 
 def test_config_norm_kernel_reaches_the_model():
