@@ -26,9 +26,9 @@ from embeddings.evaluation import build_evaluators
 from embeddings.metrics_writer import MetricWriter
 from embeddings.model_setup import build_model, save_model_files
 from embeddings.models import packing
-from embeddings.optim import make_optimizer
-from embeddings.sharding import global_batch, make_mesh, replicated, tree_shardings
-from embeddings.train_step import TrainState, init_state, make_train_step
+from embeddings.sharding import global_batch, make_mesh
+from embeddings.step_setup import build_training
+from embeddings.train_step import TrainState
 
 HOST_ONLY_KEYS = ("dataset_index",)  # batch fields used for statistics, never sent to devices
 
@@ -84,17 +84,6 @@ class _StopSignal:
 
     def restore(self):
         signal.signal(signal.SIGTERM, self._previous)
-
-
-def state_shardings(abstract_state: TrainState, mesh):
-    """Parameters and optimizer moments by the FSDP rule; counters replicated."""
-    return TrainState(
-        step=replicated(mesh),
-        params=tree_shardings(abstract_state.params, mesh),
-        opt_state=tree_shardings(abstract_state.opt_state, mesh),
-        rng=replicated(mesh),
-        skipped=replicated(mesh),
-    )
 
 
 def _agree_shapes(batch: dict, groups: int, pack_levels: int) -> dict:
@@ -226,13 +215,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     )
 
     # ---- Optimizer and sharded state ----
-    optimizer, schedule = make_optimizer(config, config.total_steps)
-    make_state = lambda params: init_state(params, optimizer, config.seed)
-    abstract = jax.eval_shape(make_state, setup.params)
-    shardings = state_shardings(abstract, mesh)
-    abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
-    )
+    training = build_training(config, model, setup.params, mesh)
+    abstract, shardings = training.abstract_state, training.shardings
 
     # ---- Restore: workdir checkpoint -> resume_from -> init ----
     checkpointer = Checkpointer(
@@ -252,18 +236,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         logging.info("Started from %s at step %d.", config.resume_from, int(state.step))
     else:
         params = jax.device_put(setup.params, shardings.params)
-        state = jax.jit(make_state, out_shardings=shardings)(params)
+        state = jax.jit(training.make_state, out_shardings=shardings)(params)
     start_step = int(state.step)
 
     # ---- Update step, evaluators, writers ----
-    train_step = make_train_step(
-        model=model,
-        optimizer=optimizer,
-        schedule=schedule,
-        config=config,
-        mesh=mesh,
-        state_shardings=shardings,
-    )
+    train_step = training.train_step
     evaluators = build_evaluators(config.eval, similarity=config.loss.similarity)
     writer = MetricWriter(workdir, enabled=process_index == 0, resume_step=start_step)
     stop = _StopSignal()
