@@ -120,20 +120,6 @@ KNOWN_SIZES = {
 }
 TOKENIZER = "data/tokenizers/bert-uncased"  # the random inits' tokenizer (all uncased WordPiece)
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file (configs/*.py); override fields with --config.KEY=VALUE."
-)
-_TARGET = flags.DEFINE_enum("target", "tpu-v3-8", sorted(TARGETS), "TPU slice to compile for.")
-_RANDOM_INIT = flags.DEFINE_bool(
-    "random_init", False, "Random weights of the init's sizes (KNOWN_SIZES) instead of model.init."
-)
-_LENGTHS = flags.DEFINE_enum(
-    "lengths", "full", ["full", "debian"], "Texts at their token limits, or Debian pairs."
-)
-_TOP = flags.DEFINE_integer("top", 12, "Largest ops and source lines to print.")
-_JSON = flags.DEFINE_bool("json", False, "Last line: one JSON object.")
-flags.mark_flags_as_required(["config"])
-
 
 def random_init(config) -> None:
     """Replaces `model.init` (and `document_init`) by a random init of its sizes."""
@@ -152,12 +138,12 @@ def random_init(config) -> None:
     m.tokenizer = m.tokenizer or TOKENIZER
 
 
-def host_masks(config, tokenizer, columns: int) -> list[np.ndarray]:
+def host_masks(config, tokenizer, columns: int, lengths: str) -> list[np.ndarray]:
     """One [batch, length] attention mask per column (`--lengths`)."""
     data = config.data
     limits = [data.max_length_anchor] + [data.max_length_document] * (columns - 1)
     rows = config.batch_size
-    if _LENGTHS.value == "full":
+    if lengths == "full":
         return [np.ones((rows, limit), np.int32) for limit in limits]
     from bench.step import sample_pairs  # the bundled Debian pairs
 
@@ -218,8 +204,8 @@ def largest(compiled_text: str, top: int, within: str) -> dict:
     }
 
 
-def compile_for(config, target: Target) -> tuple[object, dict]:
-    """(compiled step, facts) for `config` on `target`'s topology."""
+def compile_for(config, target: Target, lengths: str = "full") -> tuple[object, dict]:
+    """(compiled step, facts) for `config` on `target`'s topology (`lengths`: --lengths)."""
     from jax.experimental import topologies
 
     topology = topologies.get_topology_desc(topology_name=target.topology, platform="tpu")
@@ -229,7 +215,7 @@ def compile_for(config, target: Target) -> tuple[object, dict]:
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), setup.params)
     training = build_training(config, setup.model, params, mesh)
     columns = 3 if config.loss.kind == "margin_mse" else 2
-    masks = host_masks(config, setup.tokenizer, columns)
+    masks = host_masks(config, setup.tokenizer, columns, lengths)
     batch = abstract_batch(config, masks, mesh)
     compiled = training.train_step.lower(training.abstract_state, batch).compile()
     facts = {
@@ -340,7 +326,7 @@ def main(argv) -> None:
     if _RANDOM_INIT.value:
         random_init(config)
     target = TARGETS[_TARGET.value]
-    compiled, facts = compile_for(config, target)
+    compiled, facts = compile_for(config, target, _LENGTHS.value)
     r = {
         "benchmark": "compile",
         "config": flags.FLAGS["config"].config_filename,
@@ -359,5 +345,20 @@ def main(argv) -> None:
         print(json.dumps(r))
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # flags here: importing this module (tests) defines none
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", None, "Config file (configs/*.py); override fields with --config.KEY=VALUE."
+    )
+    _TARGET = flags.DEFINE_enum("target", "tpu-v3-8", sorted(TARGETS), "TPU slice to compile for.")
+    _RANDOM_INIT = flags.DEFINE_bool(
+        "random_init",
+        False,
+        "Random weights of the init's sizes (KNOWN_SIZES) instead of model.init.",
+    )
+    _LENGTHS = flags.DEFINE_enum(
+        "lengths", "full", ["full", "debian"], "Texts at their token limits, or Debian pairs."
+    )
+    _TOP = flags.DEFINE_integer("top", 12, "Largest ops and source lines to print.")
+    _JSON = flags.DEFINE_bool("json", False, "Last line: one JSON object.")
+    flags.mark_flags_as_required(["config"])
     app.run(main)
