@@ -81,6 +81,8 @@ def test_step(launched):
     r = _result(launched, "step")
     assert {"dtype", "batch_size", "max_length", "device"} <= r.keys()
     assert (r["dtype"], r["batch_size"], r["max_length"]) == ("float32", 8, 16)
+    # The default row pads as sentence-transformers' trainer does; its label says so.
+    assert r["padding"] == "longest" and "longest text" in r["padding_label"]
     assert r["device"].startswith("cpu")
     _positive(r["pairs_per_second"], r["reference_pairs_per_second"], r["speedup"])
     assert len(r["step_times"]) == len(r["reference_step_times"]) == 2
@@ -122,3 +124,11 @@ def test_sharding(launched):
     assert r["devices"] == 8
     _positive(r["step_seconds"], r["single_device_step_seconds"])
     assert r["ratio"] == pytest.approx(r["step_seconds"] / r["single_device_step_seconds"])
+
+
+def test_the_pad_to_max_length_row_says_the_reference_would_not_pad_so():
+    from bench.step import padding_label
+
+    assert padding_label("max_length", 128) == (
+        "reference pads to 128, which its trainer never does"
+    )
