@@ -1,9 +1,10 @@
 """The training program: config in, checkpoints, metrics and an exportable model out.
 
-`train_and_evaluate` reads top to bottom in stages: processes and workdir →
-mesh → model → input pipeline → optimizer and sharded state → restore →
-evaluators → loop. Resume order: a checkpoint in the workdir, then
-`config.resume_from`, then the pretrained (or random) init.
+`train_and_evaluate` reads top to bottom in stages: processes → mesh → model
+→ evaluators → input pipeline → optimizer and sharded state → restore → run
+files → loop. Resume order: a checkpoint in the workdir, then
+`config.resume_from`, then the pretrained (or random) init. Nothing is written
+to the workdir before every start-up check has passed.
 """
 
 import json
@@ -19,7 +20,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from embeddings import flops
-from embeddings.checkpointing import Checkpointer, restore_from_path
+from embeddings.checkpointing import Checkpointer, StateMismatchError, restore_from_path
 from embeddings.config_validation import validate
 from embeddings.data import build_pipeline
 from embeddings.evaluation import build_evaluators
@@ -29,6 +30,7 @@ from embeddings.models import packing
 from embeddings.optim import make_optimizer
 from embeddings.sharding import global_batch, make_mesh, replicated, tree_shardings
 from embeddings.train_step import TrainState, init_state, make_train_step
+from embeddings.workdir import CHECKPOINTS, CONFIG, config_differences, write_run_files
 
 HOST_ONLY_KEYS = ("dataset_index",)  # batch fields used for statistics, never sent to devices
 
@@ -184,18 +186,42 @@ def evaluate(evaluators, encode) -> dict[str, float]:
     return results
 
 
-def _write_run_files(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
-    """The resolved config and the data mixture, next to the checkpoints."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    source = epath.Path(config.data_config)
-    if source.exists():
-        (workdir / "data_config.json").write_text(source.read_text())
+def _open_checkpointer(config: ml_collections.ConfigDict, workdir: epath.Path) -> Checkpointer:
+    return Checkpointer(
+        workdir,
+        keep=config.keep_checkpoints,
+        best_metric=config.best_metric,
+        best_mode=config.best_mode,
+    )
+
+
+def _restore_latest(checkpointer: Checkpointer, abstract, config, workdir: epath.Path):
+    """The workdir's newest readable checkpoint, or None; refuses one of another config."""
+    try:
+        return checkpointer.restore_latest(abstract)
+    except StateMismatchError as e:
+        changed = config_differences(workdir, config)
+        saved = workdir / CONFIG
+        settings = f"{saved} shows no differing setting"
+        if changed:
+            settings = f"Settings that differ from the run's saved config {saved}: " + "; ".join(
+                changed
+            )
+        raise ValueError(
+            f"Refusing to start: {e.path} is a readable checkpoint of this workdir, but the "
+            f"config builds other arrays ({'; '.join(e.differences)}). {settings}. Nothing in "
+            f"{workdir} was changed: rerun with the saved settings to resume, or use another "
+            "--workdir for a new run."
+        ) from None
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-    """Trains, evaluates and checkpoints as `config` says; returns the final state."""
-    # ---- Processes and workdir ----
+    """Trains, evaluates and checkpoints as `config` says; returns the final state.
+
+    Every start-up check (config, model, data, the checkpoint to resume) runs
+    before anything is written, so a refused start leaves the workdir as it was.
+    """
+    # ---- Processes ----
     workdir = epath.Path(workdir)
     process_index, process_count = jax.process_index(), jax.process_count()
     validate(config, process_count=process_count)
@@ -207,8 +233,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         jax.device_count(),
         jax.devices()[0].device_kind,
     )
-    if process_index == 0:
-        _write_run_files(config, workdir)
 
     # ---- Mesh ----
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
@@ -217,8 +241,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # ---- Model ----
     setup = build_model(config)
     model = setup.model
-    if process_index == 0:
-        save_model_files(setup, workdir)
+
+    # ---- Evaluators ----
+    evaluators = build_evaluators(config.eval, similarity=config.loss.similarity)
 
     # ---- Input pipeline ----
     pipeline = build_pipeline(
@@ -235,27 +260,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     )
 
     # ---- Restore: workdir checkpoint -> resume_from -> init ----
-    checkpointer = Checkpointer(
-        workdir,
-        keep=config.keep_checkpoints,
-        best_metric=config.best_metric,
-        best_mode=config.best_mode,
-    )
-    restored = checkpointer.restore_latest(abstract)
-    if restored is not None:
-        state, data_state, _ = restored
-        pipeline.set_state(data_state)
-        logging.info("Resumed from %s at step %d.", workdir / "checkpoints", int(state.step))
-    elif config.resume_from:
-        state, data_state = restore_from_path(config.resume_from, abstract)
-        pipeline.set_state(data_state)
-        logging.info("Started from %s at step %d.", config.resume_from, int(state.step))
-    else:
-        params = jax.device_put(setup.params, shardings.params)
-        state = jax.jit(make_state, out_shardings=shardings)(params)
+    checkpointer, restored = None, None
+    try:
+        if (workdir / CHECKPOINTS).exists():  # opening it in a new workdir would create it
+            checkpointer = _open_checkpointer(config, workdir)
+            restored = _restore_latest(checkpointer, abstract, config, workdir)
+        if restored is not None:
+            state, data_state, _ = restored
+            pipeline.set_state(data_state)
+            logging.info("Resumed from %s at step %d.", workdir / CHECKPOINTS, int(state.step))
+        elif config.resume_from:
+            state, data_state = restore_from_path(config.resume_from, abstract)
+            pipeline.set_state(data_state)
+            logging.info("Started from %s at step %d.", config.resume_from, int(state.step))
+        else:
+            params = jax.device_put(setup.params, shardings.params)
+            state = jax.jit(make_state, out_shardings=shardings)(params)
+    except BaseException:
+        if checkpointer is not None:
+            checkpointer.close()
+        pipeline.close()
+        raise
     start_step = int(state.step)
 
-    # ---- Update step, evaluators, writers ----
+    # ---- Run files: only now, when they describe the run that continues ----
+    if process_index == 0:
+        write_run_files(workdir, config)
+        save_model_files(setup, workdir)
+    checkpointer = checkpointer or _open_checkpointer(config, workdir)
+
+    # ---- Update step, writers ----
     train_step = make_train_step(
         model=model,
         optimizer=optimizer,
@@ -264,7 +298,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         mesh=mesh,
         state_shardings=shardings,
     )
-    evaluators = build_evaluators(config.eval, similarity=config.loss.similarity)
     writer = MetricWriter(workdir, enabled=process_index == 0, resume_step=start_step)
     stop = _StopSignal()
 

@@ -1,0 +1,61 @@
+"""The layout of a training workdir, and the run files in it.
+
+    WORKDIR/checkpoints/<step>/  Orbax checkpoints, the newest `keep_checkpoints`
+    WORKDIR/best/<step>/         the best step by `best_metric`
+    WORKDIR/corrupt/<step>/      unreadable checkpoints, set aside on restore
+    WORKDIR/config.json          the resolved config of the run
+    WORKDIR/data_config.json     the data mixture it trains on
+    WORKDIR/model/               encoder config, tokenizer, sentence settings
+
+The run files (config.json, data_config.json) are written only once a run has
+passed every start-up check, so a refused start leaves the workdir as it was.
+"""
+
+import json
+
+import ml_collections
+from etils import epath
+
+CHECKPOINTS = "checkpoints"
+BEST = "best"
+CORRUPT = "corrupt"  # unreadable checkpoints are moved here, never deleted
+CONFIG = "config.json"
+DATA_CONFIG = "data_config.json"
+
+
+def write_run_files(workdir, config: ml_collections.ConfigDict) -> None:
+    """The resolved config and the data mixture, next to the checkpoints."""
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / CONFIG).write_text(config.to_json_best_effort(indent=2))
+    source = epath.Path(config.data_config)
+    if source.exists():
+        (workdir / DATA_CONFIG).write_text(source.read_text())
+
+
+def read_config(workdir) -> dict | None:
+    """WORKDIR/config.json as a dict, or None if the run never wrote one."""
+    path = epath.Path(workdir) / CONFIG
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat = {}
+    for key, value in tree.items():
+        flat.update(_flat(value, f"{prefix}.{key}" if prefix else key))
+    return flat
+
+
+def config_differences(workdir, config: ml_collections.ConfigDict) -> list[str]:
+    """The settings of `config` that differ from WORKDIR/config.json, as "key: saved X, now Y"."""
+    saved = read_config(workdir)
+    if saved is None:
+        return []
+    saved, now = _flat(saved), _flat(json.loads(config.to_json_best_effort()))
+    return [
+        f"config.{key}: saved {saved.get(key, 'nothing')!r}, now {now.get(key, 'nothing')!r}"
+        for key in sorted(saved.keys() | now.keys())
+        if saved.get(key) != now.get(key)
+    ]
