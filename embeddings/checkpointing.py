@@ -111,11 +111,10 @@ class Checkpointer:
             except Exception as e:  # any read failure: try an older one
                 moved = self._set_aside(step)
                 logging.warning(
-                    "Checkpoint %s is unreadable (%s: %s); moved it to %s and falling back to "
+                    "Checkpoint %s is unreadable (%s); moved it to %s and falling back to "
                     "an older one.",
                     self.workdir / CHECKPOINTS / str(step),
-                    type(e).__name__,
-                    str(e).splitlines()[0] if str(e) else "",
+                    _first_line(e),
                     moved,
                 )
                 continue
@@ -165,6 +164,14 @@ def restore_from_path(path, abstract_state) -> tuple[object, dict]:
     return restore_step(manager, int(path.name), abstract_state)
 
 
+def saved_steps(folder) -> list[int]:
+    """The steps saved in WORKDIR/checkpoints or WORKDIR/best, oldest first."""
+    folder = epath.Path(folder)
+    if not folder.exists():
+        return []
+    return sorted(int(p.name) for p in folder.glob("*") if p.name.isdigit())
+
+
 def find_checkpoint(workdir, *, step: int | None = None, best: bool = False) -> epath.Path:
     """The step folder to read: a given step, the best one, or the latest.
 
@@ -174,9 +181,7 @@ def find_checkpoint(workdir, *, step: int | None = None, best: bool = False) -> 
     if (workdir / "state").exists():
         return workdir
     folder = workdir / (BEST if best else CHECKPOINTS)
-    steps = (
-        sorted(int(p.name) for p in folder.glob("*") if p.name.isdigit()) if folder.exists() else []
-    )
+    steps = saved_steps(folder)
     if not steps:
         raise FileNotFoundError(
             f"No checkpoint in {folder}: train first, or pass --step / a step folder."
@@ -186,6 +191,46 @@ def find_checkpoint(workdir, *, step: int | None = None, best: bool = False) -> 
     if step not in steps:
         raise FileNotFoundError(f"No checkpoint for step {step} in {folder}; available: {steps}.")
     return folder / str(step)
+
+
+def _first_line(error: Exception) -> str:
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
+def restore_readable_params(workdir, *, step: int | None = None, best: bool = False):
+    """The parameters of the checkpoint `find_checkpoint` picks, as host arrays.
+
+    The latest step (no `step`, not `best`) falls back to the newest readable
+    one when it is unreadable, as training does, with a warning; nothing is
+    moved (exporting never changes a workdir). A chosen step that is unreadable
+    is an error naming the steps to pick from.
+
+    Returns:
+      (step folder read, parameters).
+    """
+    checkpoint = find_checkpoint(workdir, step=step, best=best)
+    try:
+        return checkpoint, restore_params(checkpoint)
+    except Exception as e:  # any read failure: corrupt or half-copied files
+        error = e
+    steps = saved_steps(checkpoint.parent)
+    if step is None and not best and int(checkpoint.name) in steps:
+        for older in reversed(steps[: steps.index(int(checkpoint.name))]):
+            try:
+                params = restore_params(checkpoint.parent / str(older))
+            except Exception:  # try the next older one
+                continue
+            logging.warning(
+                "Checkpoint %s is unreadable (%s); using step %d, the newest readable one.",
+                checkpoint,
+                _first_line(error),
+                older,
+            )
+            return checkpoint.parent / str(older), params
+    raise ValueError(
+        f"Checkpoint {checkpoint} is unreadable ({_first_line(error)}). Pick another with "
+        f"--step N; steps in {checkpoint.parent}: {steps}."
+    ) from error
 
 
 def restore_params(path) -> dict:

@@ -11,11 +11,15 @@ the seed multi-QA_v1-mpnet-asymmetric-Q/-A models were published.
 
 Everything is written into a temporary sibling folder first and renamed into
 place at the end, so a failed export never leaves a half-written model and
-never touches an existing one.
+never touches an existing one. An export killed before the rename leaves its
+temporary folder (`.OUT.tmp-<pid>-*`); the next export to OUT removes it once
+that process is gone. The files get the permissions the user's umask allows
+(as `cp` or `mkdir` would), not the private ones of a temporary folder.
 """
 
 import dataclasses
 import json
+import os
 import shutil
 import tempfile
 
@@ -129,6 +133,53 @@ class RunInfo:
     step: int | None = None
 
 
+def _temporary_prefix(out: epath.Path) -> str:
+    return f".{out.name}.tmp-"
+
+
+def _process_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_exports(out: epath.Path) -> list[epath.Path]:
+    """Removes the temporary folders that interrupted exports to `out` left; returns them.
+
+    A folder whose exporting process still runs (its pid is in the name) is
+    another export in progress and is kept.
+    """
+    prefix = _temporary_prefix(out)
+    removed = []
+    for folder in out.parent.glob(prefix + "*"):
+        pid = folder.name[len(prefix) :].split("-")[0]
+        if pid.isdigit() and _process_running(int(pid)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def _allow_umask(folder: epath.Path) -> None:
+    """Gives `folder` and everything in it the modes the user's umask allows.
+
+    `tempfile.mkdtemp` makes a 0700 folder (and some writers 0600 files); an
+    exported model is meant to be shared like any file the user writes.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
+
+
 def write_sentence_transformer(
     files: ModelFiles,
     params: dict,
@@ -157,7 +208,10 @@ def write_sentence_transformer(
             f"{out} exists and is not empty: choose another --output, or pass --overwrite."
         )
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = epath.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=str(out.parent)))
+    for stale in remove_stale_exports(out):
+        print(f"Removed {stale}, the partial output of an interrupted export.", flush=True)
+    prefix = f"{_temporary_prefix(out)}{os.getpid()}-"
+    tmp = epath.Path(tempfile.mkdtemp(prefix=prefix, dir=str(out.parent)))
     try:
         if files.model.tied:
             _write_single_tower(tmp, files, params["encoder"], "encoder")
@@ -168,6 +222,7 @@ def write_sentence_transformer(
         if run.data_config is not None:
             _write_json(tmp / "data_config.json", run.data_config)
         write_model_card(tmp / "README.md", files, run, model_name or out.name)
+        _allow_umask(tmp)
         if out.exists():
             backup = out.parent / f".{out.name}.old"
             shutil.rmtree(backup, ignore_errors=True)

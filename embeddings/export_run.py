@@ -5,10 +5,11 @@ import json
 import numpy as np
 from etils import epath
 
-from embeddings.checkpointing import find_checkpoint, restore_params
+from embeddings.checkpointing import restore_readable_params
 from embeddings.export import RunInfo, write_sentence_transformer, write_split_towers
 from embeddings.hub import push_to_hub as upload
 from embeddings.model_setup import ModelFiles, load_model_files
+from embeddings.workdir import read_metrics
 
 PARITY_SENTENCES = [
     "How many people live in London?",
@@ -32,12 +33,9 @@ def _run_info(workdir: epath.Path, step: int) -> RunInfo:
         config = json.loads((workdir / "config.json").read_text())
     if (workdir / "data_config.json").exists():
         data_config = json.loads((workdir / "data_config.json").read_text())
-    metrics = workdir / "metrics.jsonl"
-    if metrics.exists():
-        for line in metrics.read_text().splitlines():
-            record = json.loads(line) if line.strip() else {}
-            if record.get("step") == step and any(k.startswith("eval/") for k in record):
-                evaluation = {k: v for k, v in record.items() if k.startswith("eval/")}
+    for record in read_metrics(workdir):
+        if record.get("step") == step and any(k.startswith("eval/") for k in record):
+            evaluation = {k: v for k, v in record.items() if k.startswith("eval/")}
     return RunInfo(config=config, data_config=data_config, evaluation=evaluation, step=step)
 
 
@@ -81,10 +79,9 @@ def export_run(
     hub_api=None,
 ) -> dict:
     """Exports one checkpoint; prints what it did and returns a summary dict."""
-    checkpoint = find_checkpoint(workdir, step=step, best=best)
+    checkpoint, params = restore_readable_params(workdir, step=step, best=best)
     run_dir = _workdir_of(checkpoint)
     files = load_model_files(run_dir, dtype="float32")
-    params = restore_params(checkpoint)
     step = int(checkpoint.name)
     run = _run_info(run_dir, step)
     name = push_to_hub or epath.Path(output).name

@@ -30,7 +30,13 @@ from embeddings.models import packing
 from embeddings.optim import make_optimizer
 from embeddings.sharding import global_batch, make_mesh, replicated, tree_shardings
 from embeddings.train_step import TrainState, init_state, make_train_step
-from embeddings.workdir import CHECKPOINTS, CONFIG, config_differences, write_run_files
+from embeddings.workdir import (
+    CHECKPOINTS,
+    CONFIG,
+    config_differences,
+    read_metrics,
+    write_run_files,
+)
 
 HOST_ONLY_KEYS = ("dataset_index",)  # batch fields used for statistics, never sent to devices
 
@@ -64,6 +70,24 @@ class Throughput:
                 rates["mfu"] = self.flops / elapsed / self.peak_flops
         self.restart()
         return rates
+
+
+EXIT_STOPPED_EARLY = 75  # train.py's exit status after a SIGTERM (EX_TEMPFAIL: run it again)
+
+
+class StoppedEarly(Exception):
+    """Training stopped before `total_steps` on a SIGTERM, after saving a checkpoint.
+
+    Not a failure: the same command resumes the run. train.py exits with
+    `EXIT_STOPPED_EARLY`, so a launcher can tell a preemption from the end.
+    """
+
+    def __init__(self, step: int, workdir):
+        self.step = step
+        super().__init__(
+            f"Stopped early at step {step} (SIGTERM); the checkpoint is saved in {workdir}. "
+            "Run the same command again to resume."
+        )
 
 
 class _StopSignal:
@@ -355,7 +379,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             if step % config.checkpoint_every == 0 or last or stopping:
                 checkpointer.save(step, state, pipeline_state(pipeline))
             if stopping:
-                logging.warning("Stopped at step %d; checkpoint saved in %s.", step, workdir)
                 break
         if config.total_steps == 0:  # import-only run: the export reproduces the init
             checkpointer.save(0, state, pipeline_state(pipeline))
@@ -366,6 +389,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         writer.close()
         pipeline.close()
         stop.restore()
+    if step < config.total_steps:  # only a stop signal ends the loop early
+        raise StoppedEarly(step, workdir)
     if process_index == 0 and step > start_step:
         total = time.perf_counter() - run_start
         print(f"Trained steps {start_step}..{step} in {total:.1f} s; workdir {workdir}", flush=True)
@@ -385,9 +410,3 @@ def print_eval_summary(records: list[dict]) -> None:
         change = last[key] - first[key]
         print(f"| {key} | {first[key]:.4f} | {last[key]:.4f} | {change:+.4f} |")
     sys.stdout.flush()
-
-
-def read_metrics(workdir) -> list[dict]:
-    """The records of WORKDIR/metrics.jsonl (for tests and scripts)."""
-    path = epath.Path(workdir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

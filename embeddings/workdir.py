@@ -6,6 +6,8 @@
     WORKDIR/config.json          the resolved config of the run
     WORKDIR/data_config.json     the data mixture it trains on
     WORKDIR/model/               encoder config, tokenizer, sentence settings
+    WORKDIR/metrics.jsonl        one JSON object per logged step or evaluation
+    WORKDIR/tensorboard/         TensorBoard event files
 
 The run files (config.json, data_config.json) are written only once a run has
 passed every start-up check, so a refused start leaves the workdir as it was.
@@ -14,6 +16,7 @@ passed every start-up check, so a refused start leaves the workdir as it was.
 import json
 
 import ml_collections
+from absl import logging
 from etils import epath
 
 CHECKPOINTS = "checkpoints"
@@ -21,6 +24,8 @@ BEST = "best"
 CORRUPT = "corrupt"  # unreadable checkpoints are moved here, never deleted
 CONFIG = "config.json"
 DATA_CONFIG = "data_config.json"
+METRICS = "metrics.jsonl"
+TENSORBOARD = "tensorboard"
 
 
 def write_run_files(workdir, config: ml_collections.ConfigDict) -> None:
@@ -59,3 +64,48 @@ def config_differences(workdir, config: ml_collections.ConfigDict) -> list[str]:
         for key in sorted(saved.keys() | now.keys())
         if saved.get(key) != now.get(key)
     ]
+
+
+def write_atomically(path, text: str) -> None:
+    """Replaces `path` by `text` whole: a crash leaves the old file or the new one."""
+    path = epath.Path(path)
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def parse_metrics(text: str, path) -> list[dict]:
+    """The records of a metrics.jsonl text (`path` names it in messages).
+
+    A last line cut short (a crash or a full disk while it was appended) is
+    dropped with a warning; a bad line before it is an error naming the line.
+    """
+    lines = text.splitlines()
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == last:
+                logging.warning(
+                    "%s: dropped line %d, which was cut short (a crash or a full disk while it "
+                    "was written): %r",
+                    path,
+                    i + 1,
+                    line[:80],
+                )
+                continue
+            raise ValueError(
+                f"{path}:{i + 1}: not a JSON record ({e.msg}): {line[:80]!r}; delete or fix "
+                "that line."
+            ) from None
+    return records
+
+
+def read_metrics(workdir) -> list[dict]:
+    """The records of WORKDIR/metrics.jsonl ([] if there is none)."""
+    path = epath.Path(workdir) / METRICS
+    return parse_metrics(path.read_text(), path) if path.exists() else []

@@ -128,7 +128,8 @@ def test_killed_run_resumes_exactly(tmp_path):
     _assert_same_params(_params(interrupted), _params(tmp_path / "straight"))
 
 
-def test_sigterm_saves_a_checkpoint(tmp_path):
+def test_sigterm_saves_a_checkpoint_and_exits_75(tmp_path):
+    """A launcher tells a preemption (75, "stopped early") from a finished run (0)."""
     workdir = tmp_path / "run"
     proc = subprocess.Popen(
         _command(
@@ -151,10 +152,11 @@ def test_sigterm_saves_a_checkpoint(tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out
+    assert proc.returncode == 75, out
     saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir())
     assert len(saved) == 1 and 3 <= saved[0] < 1000, saved
     assert "SIGTERM" in out
+    assert f"Stopped early at step {saved[0]}" in out and "Trained steps" not in out
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path):
@@ -275,3 +277,14 @@ def test_failed_start_in_a_new_workdir_leaves_no_files(tmp_path, problem):
     proc = _train(workdir, "--config.total_steps=2", overrides[problem], check=False)
     assert proc.returncode != 0
     assert not (tmp_path / "new").exists(), _snapshot(tmp_path / "new")
+
+
+def test_resume_drops_a_torn_last_metrics_line(tmp_path, finished_run):
+    """A crash while appending to metrics.jsonl leaves half a line: the rerun warns and goes on."""
+    workdir = tmp_path / "run"
+    shutil.copytree(finished_run, workdir)
+    with (workdir / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "loss": 3.1')
+    proc = _train(workdir, "--config.total_steps=6", "--config.log_every=1")
+    assert "metrics.jsonl: dropped line" in proc.stderr, proc.stderr[-3000:]
+    assert [r["step"] for r in _metrics(workdir)] == list(range(1, 7))
