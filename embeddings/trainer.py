@@ -25,7 +25,7 @@ from embeddings.config_validation import validate
 from embeddings.data import build_pipeline
 from embeddings.evaluation import build_evaluators
 from embeddings.metrics_writer import MetricWriter
-from embeddings.model_setup import build_model, save_model_files
+from embeddings.model_setup import build_model
 from embeddings.models import packing
 from embeddings.optim import make_optimizer
 from embeddings.sharding import global_batch, make_mesh, replicated, tree_shardings
@@ -35,6 +35,7 @@ from embeddings.workdir import (
     CONFIG,
     config_differences,
     read_metrics,
+    save_model_files,
     write_run_files,
 )
 

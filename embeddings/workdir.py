@@ -5,25 +5,36 @@
     WORKDIR/corrupt/<step>/      unreadable checkpoints, set aside on restore
     WORKDIR/config.json          the resolved config of the run
     WORKDIR/data_config.json     the data mixture it trains on
-    WORKDIR/model/               encoder config, tokenizer, sentence settings
+    WORKDIR/model/               encoder config, tokenizer, sentence settings, extras
     WORKDIR/metrics.jsonl        one JSON object per logged step or evaluation
     WORKDIR/tensorboard/         TensorBoard event files
 
-The run files (config.json, data_config.json) are written only once a run has
-passed every start-up check, so a refused start leaves the workdir as it was.
+The run files (config.json, data_config.json, model/) are written only once a
+run has passed every start-up check, so a refused start leaves the workdir as
+it was. `model/` holds what an exporter or evaluator needs besides the
+parameters: the encoder's config.json, the tokenizer, the sentence settings and
+the HF tensors the encoder does not train (e.g. BERT's pooler), so
+`load_model_files` rebuilds the model from a workdir alone.
 """
 
+import dataclasses
 import json
 
+import jax.numpy as jnp
 import ml_collections
 from absl import logging
 from etils import epath
+
+from embeddings.dual_encoder import DualEncoder
+from embeddings.model_setup import DTYPES, ModelSetup
+from embeddings.models import EncoderConfig, SentenceEncoder, SentenceSpec, load_tokenizer
 
 CHECKPOINTS = "checkpoints"
 BEST = "best"
 CORRUPT = "corrupt"  # unreadable checkpoints are moved here, never deleted
 CONFIG = "config.json"
 DATA_CONFIG = "data_config.json"
+MODEL = "model"
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
 
@@ -38,10 +49,68 @@ def write_run_files(workdir, config: ml_collections.ConfigDict) -> None:
         (workdir / DATA_CONFIG).write_text(source.read_text())
 
 
+def _read_json(path: epath.Path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def read_config(workdir) -> dict | None:
     """WORKDIR/config.json as a dict, or None if the run never wrote one."""
-    path = epath.Path(workdir) / CONFIG
-    return json.loads(path.read_text()) if path.exists() else None
+    return _read_json(epath.Path(workdir) / CONFIG)
+
+
+def read_data_config(workdir) -> list | None:
+    """WORKDIR/data_config.json (the mixture's entries), or None."""
+    return _read_json(epath.Path(workdir) / DATA_CONFIG)
+
+
+def save_model_files(setup: ModelSetup, workdir) -> None:
+    """Writes WORKDIR/model/: encoder config, tokenizer, sentence settings, extras."""
+    from safetensors.numpy import save_file
+
+    folder = epath.Path(workdir) / MODEL
+    folder.mkdir(parents=True, exist_ok=True)
+    description = {
+        "tied": setup.model.tied,
+        "towers": list(setup.model.towers),
+        "sources": setup.sources,
+        "dtype": jnp.dtype(setup.model.encoder.dtype).name,
+        "encoder_config": setup.model.encoder.config.to_hf(),
+        "spec": dataclasses.asdict(setup.spec),
+    }
+    (folder / "model.json").write_text(json.dumps(description, indent=2))
+    setup.tokenizer.save_pretrained(str(folder / "tokenizer"))
+    for tower, tensors in setup.extras.items():
+        if tensors:
+            save_file(dict(tensors), str(folder / f"extras_{tower}.safetensors"))
+
+
+def load_model_files(workdir, *, dtype: str | None = None) -> ModelSetup:
+    """The model `save_model_files` described, without parameters (they are in checkpoints)."""
+    from safetensors.numpy import load_file
+
+    folder = epath.Path(workdir) / MODEL
+    if not (folder / "model.json").exists():
+        raise FileNotFoundError(
+            f"{folder / 'model.json'} is missing: {workdir} is not a training workdir "
+            "(train.py writes it when a run starts)."
+        )
+    description = json.loads((folder / "model.json").read_text())
+    spec = SentenceSpec(**description["spec"])
+    encoder_config = EncoderConfig.from_hf(description["encoder_config"])
+    dtype = DTYPES[dtype or description["dtype"]]
+    model = DualEncoder(SentenceEncoder(encoder_config, spec, dtype=dtype), description["tied"])
+    extras = {}
+    for tower in description["towers"]:
+        path = folder / f"extras_{tower}.safetensors"
+        extras[tower] = load_file(str(path)) if path.exists() else {}
+    return ModelSetup(
+        model=model,
+        params=None,
+        extras=extras,
+        tokenizer=load_tokenizer(folder / "tokenizer"),
+        spec=spec,
+        sources=description["sources"],
+    )
 
 
 def _flat(tree, prefix: str = "") -> dict:

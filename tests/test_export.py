@@ -18,12 +18,12 @@ from safetensors.numpy import load_file
 from sentence_transformers import SentenceTransformer
 
 from configs import tiny
-from embeddings import export as export_lib
 from embeddings.checkpointing import find_checkpoint, restore_params
-from embeddings.export_run import export_run
-from embeddings.hub import HubUploadError, push_to_hub
-from embeddings.model_setup import load_model_files
+from embeddings.export import folder as export_folder
+from embeddings.export.hub import HubUploadError, push_to_hub
+from embeddings.export.run import export_run
 from embeddings.trainer import train_and_evaluate
+from embeddings.workdir import load_model_files
 from tests.hf_tiny import make_tiny_hf_model
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -154,7 +154,7 @@ def test_export_refuses_to_overwrite_and_never_half_writes(tmp_path, monkeypatch
     def broken_card(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(export_lib, "write_model_card", broken_card)
+    monkeypatch.setattr(export_folder, "write_model_card", broken_card)
     with pytest.raises(RuntimeError, match="disk full"):
         export_run(workdir, out, overwrite=True, parity_check=False)
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]

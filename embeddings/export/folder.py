@@ -1,4 +1,4 @@
-"""Checkpoint -> sentence-transformers folder.
+"""Writing a sentence-transformers folder from a model and its parameters.
 
 The folder is written in the classic sentence-transformers layout (module
 types `sentence_transformers.models.*`, pooling flags in 1_Pooling/config.json,
@@ -27,8 +27,8 @@ import numpy as np
 from etils import epath
 from safetensors.numpy import save_file
 
-from embeddings.model_card import write_model_card
-from embeddings.model_setup import ModelFiles
+from embeddings.export.card import write_model_card
+from embeddings.model_setup import ModelSetup
 from embeddings.models import hf_state_dict
 
 TRANSFORMER = "sentence_transformers.models.Transformer"
@@ -47,7 +47,7 @@ def _write_json(path: epath.Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
-def _write_transformer(folder: epath.Path, files: ModelFiles, params: dict, tower: str) -> None:
+def _write_transformer(folder: epath.Path, files: ModelSetup, params: dict, tower: str) -> None:
     """config.json, model.safetensors, tokenizer and sentence_bert_config.json."""
     folder.mkdir(parents=True, exist_ok=True)
     config = files.model.encoder.config
@@ -62,7 +62,7 @@ def _write_transformer(folder: epath.Path, files: ModelFiles, params: dict, towe
     )
 
 
-def _write_pooling(folder: epath.Path, files: ModelFiles) -> None:
+def _write_pooling(folder: epath.Path, files: ModelSetup) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     pooling = {"word_embedding_dimension": files.model.encoder.config.hidden_size}
     for mode, flag in POOLING_FLAGS.items():
@@ -73,7 +73,7 @@ def _write_pooling(folder: epath.Path, files: ModelFiles) -> None:
     _write_json(folder / "config.json", pooling)
 
 
-def _write_st_config(folder: epath.Path, files: ModelFiles, prompts: dict) -> None:
+def _write_st_config(folder: epath.Path, files: ModelSetup, prompts: dict) -> None:
     _write_json(
         folder / "config_sentence_transformers.json",
         {
@@ -85,7 +85,7 @@ def _write_st_config(folder: epath.Path, files: ModelFiles, prompts: dict) -> No
     )
 
 
-def _write_single_tower(out: epath.Path, files: ModelFiles, params: dict, tower: str) -> None:
+def _write_single_tower(out: epath.Path, files: ModelSetup, params: dict, tower: str) -> None:
     _write_transformer(out, files, params, tower)
     _write_pooling(out / "1_Pooling", files)
     modules = [
@@ -99,7 +99,7 @@ def _write_single_tower(out: epath.Path, files: ModelFiles, params: dict, tower:
     _write_st_config(out, files, prompts={})
 
 
-def _write_router(out: epath.Path, files: ModelFiles, params: dict) -> None:
+def _write_router(out: epath.Path, files: ModelSetup, params: dict) -> None:
     types, structure = {}, {}
     for route in ("query", "document"):
         transformer, pooling = f"{route}_0_Transformer", f"{route}_1_Pooling"
@@ -181,7 +181,7 @@ def _allow_umask(folder: epath.Path) -> None:
 
 
 def write_sentence_transformer(
-    files: ModelFiles,
+    files: ModelSetup,
     params: dict,
     out,
     *,
@@ -237,7 +237,7 @@ def write_sentence_transformer(
     return out
 
 
-def write_split_towers(files: ModelFiles, params: dict, out, **kwargs) -> list[epath.Path]:
+def write_split_towers(files: ModelSetup, params: dict, out, **kwargs) -> list[epath.Path]:
     """Untied models: OUT-Q (query tower) and OUT-A (answer/document tower)."""
     if files.model.tied:
         raise ValueError("--split_towers needs an untied model (config.model.tied=False).")
