@@ -50,8 +50,8 @@ from jax.sharding import PartitionSpec as P
 
 from bench import _hlo_trace, _roofline, _timing
 from bench import step as step_bench
+from embeddings.host_batch import batch_token_index
 from embeddings.models import load_pretrained
-from embeddings.models.packing import batch_token_index
 from embeddings.sharding import DATA_AXES
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -70,9 +70,9 @@ from bench import _timing
 from configs import default
 from embeddings import flops
 from embeddings.dual_encoder import DualEncoder
+from embeddings.host_batch import batch_token_index
 from embeddings.models import SentenceEncoder, load_pretrained, load_tokenizer
 from embeddings.models.attention_kernel import parse_tiling
-from embeddings.models.packing import batch_token_index
 from embeddings.optim import make_optimizer
 from embeddings.sharding import batch_sharding, make_mesh, replicated
 from embeddings.train_step import init_state, make_train_step

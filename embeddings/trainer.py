@@ -7,28 +7,25 @@ files → loop. Resume order: a checkpoint in the workdir, then
 to the workdir before every start-up check has passed.
 """
 
-import json
 import signal
 import sys
 import time
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from embeddings import flops
+from embeddings import flops, host_batch
 from embeddings.checkpointing import Checkpointer, StateMismatchError, restore_from_path
 from embeddings.config_validation import validate
 from embeddings.data import build_pipeline
 from embeddings.evaluation import build_evaluators
 from embeddings.metrics_writer import MetricWriter
 from embeddings.model_setup import build_model
-from embeddings.models import packing
 from embeddings.optim import make_optimizer
-from embeddings.sharding import global_batch, make_mesh, replicated, tree_shardings
+from embeddings.sharding import make_mesh, replicated, tree_shardings
 from embeddings.train_step import TrainState, init_state, make_train_step
 from embeddings.workdir import (
     CHECKPOINTS,
@@ -38,8 +35,6 @@ from embeddings.workdir import (
     save_model_files,
     write_run_files,
 )
-
-HOST_ONLY_KEYS = ("dataset_index",)  # batch fields used for statistics, never sent to devices
 
 
 class Throughput:
@@ -122,70 +117,6 @@ def state_shardings(abstract_state: TrainState, mesh):
         rng=replicated(mesh),
         skipped=replicated(mesh),
     )
-
-
-def _agree_shapes(batch: dict, groups: int, pack_levels: int) -> dict:
-    """Gives every process's share of a batch the same shapes; adds token indices.
-
-    Processes pick their padded lengths from their own rows; global arrays need
-    one shape, so every column is padded to the longest length any process
-    chose. With `pack_levels`, each column also gets its token index
-    (`packing.token_index`, one row group per device) at a capacity that holds
-    the fullest group of any process. One all-gather of 2 x columns integers.
-
-    Args:
-      batch: this process's rows (numpy).
-      groups: devices the global batch is split over (this process holds
-        groups / process_count of them).
-      pack_levels: `config.model.pack_levels`; 0 adds no token index.
-    """
-    masks = batch["attention_mask"]
-    local_groups = groups // jax.process_count()
-    most_real = [
-        int(packing.group_real_counts(m, local_groups).max()) if pack_levels else 0 for m in masks
-    ]
-    shape = np.array([m.shape[1] for m in masks] + most_real, np.int32)
-    if jax.process_count() > 1:
-        shape = np.max(multihost_utils.process_allgather(shape), axis=0)
-    lengths, most_real = shape[: len(masks)], shape[len(masks) :]
-    pad = lambda x, n: np.pad(x, ((0, 0), (0, n - x.shape[1])))
-    batch = dict(
-        batch,
-        input_ids=tuple(pad(x, n) for x, n in zip(batch["input_ids"], lengths, strict=True)),
-        attention_mask=tuple(pad(x, n) for x, n in zip(masks, lengths, strict=True)),
-    )
-    if pack_levels:
-        batch["token_index"] = packing.batch_token_index(
-            batch["attention_mask"], local_groups, pack_levels, most_real
-        )
-    return batch
-
-
-def pipeline_state(pipeline) -> dict:
-    """The input position of every process, for the checkpoint.
-
-    Each process reads its own lines, so its position differs; the checkpoint
-    (written by process 0) holds all of them and each process restores its own.
-    """
-    state = pipeline.get_state()
-    if jax.process_count() == 1:
-        return state
-    raw = np.frombuffer(json.dumps(state).encode(), np.uint8)
-    sizes = multihost_utils.process_allgather(np.array([raw.size], np.int32)).reshape(-1)
-    padded = np.zeros(int(sizes.max()), np.uint8)
-    padded[: raw.size] = raw
-    everyone = multihost_utils.process_allgather(padded)
-    return {
-        "processes": [
-            json.loads(bytes(row[:size]).decode())
-            for row, size in zip(everyone, sizes, strict=True)
-        ]
-    }
-
-
-def _device_batch(local: dict, mesh, pack_levels: int) -> dict:
-    local = {k: v for k, v in local.items() if k not in HOST_ONLY_KEYS}
-    return global_batch(_agree_shapes(local, mesh.size, pack_levels), mesh)
 
 
 def make_encode_fn(model, params, tokenizer, config: ml_collections.ConfigDict):
@@ -341,15 +272,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # GradCache chunks rows across devices, so its batches stay padded.
     pack_levels = 0 if config.grad_cache_chunk else config.model.pack_levels
     step = start_step
-    batches = iter(pipeline)
+    batches = iter(pipeline)  # this process's rows of each global batch (numpy)
     throughput = Throughput(config.batch_size, flops.peak_flops())
     progress = writer.progress_bar(config.total_steps, start_step)
     run_start = time.perf_counter()
     try:
         while step < config.total_steps:
             local = next(batches)
-            batch = _device_batch(local, mesh, pack_levels)
-            state, metrics = train_step(state, batch)
+            # The step's one exchange between hosts: agreeing on the batch's shapes.
+            shapes = host_batch.agree_shapes(local, mesh.size, pack_levels)
+            state, metrics = train_step(state, host_batch.device_batch(local, shapes, mesh))
             step += 1
             progress.update(1)
             if step == start_step + 1:  # the first step compiles: leave it out of the rates
@@ -373,16 +305,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 if rates:
                     eta = (config.total_steps - step) / rates["steps_per_second"]
                 writer.write(step, {**metrics, **rates}, eta_seconds=eta)
+            results = {}
             if (config.eval_every and step % config.eval_every == 0) or last:
                 results = run_eval(step)
-                checkpointer.save_if_best(step, state, pipeline_state(pipeline), results)
             stopping = stop.should_stop(step)
-            if step % config.checkpoint_every == 0 or last or stopping:
-                checkpointer.save(step, state, pipeline_state(pipeline))
+            saving = step % config.checkpoint_every == 0 or last or stopping
+            if results or saving:
+                # An all-gather between hosts: once per step, for both saves.
+                data_state = host_batch.pipeline_state(pipeline)
+                if results:
+                    checkpointer.save_if_best(step, state, data_state, results)
+                if saving:
+                    checkpointer.save(step, state, data_state)
             if stopping:
                 break
         if config.total_steps == 0:  # import-only run: the export reproduces the init
-            checkpointer.save(0, state, pipeline_state(pipeline))
+            checkpointer.save(0, state, host_batch.pipeline_state(pipeline))
     finally:
         progress.close()
         checkpointer.wait()
