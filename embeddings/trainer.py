@@ -81,7 +81,8 @@ class StoppedEarly(Exception):
     def __init__(self, step: int, workdir):
         self.step = step
         super().__init__(
-            f"Stopped early at step {step} (SIGTERM); the checkpoint is saved in {workdir}. "
+            f"Stopped early at step {step} (SIGTERM or a preemption notice); the checkpoint is "
+            f"saved in {workdir}. "
             "Run the same command again to resume."
         )
 
