@@ -56,8 +56,8 @@ from ml_collections import config_flags
 
 from embeddings import flops
 from embeddings.data.tokenize import padded_length
+from embeddings.host_batch import batch_token_index
 from embeddings.model_setup import build_model
-from embeddings.models.packing import batch_token_index
 from embeddings.sharding import batch_sharding, make_mesh
 from embeddings.step_setup import build_training
 from tools import hlo_trace, roofline

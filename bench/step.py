@@ -68,9 +68,9 @@ import numpy as np
 from bench import _timing
 from configs import default
 from embeddings import flops
+from embeddings.host_batch import batch_token_index
 from embeddings.model_setup import build_model
 from embeddings.models import load_pretrained, load_tokenizer
-from embeddings.models.packing import batch_token_index
 from embeddings.sharding import batch_sharding, make_mesh
 from embeddings.step_setup import build_training
 

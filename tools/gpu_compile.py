@@ -51,7 +51,7 @@ from jax.sharding import PartitionSpec as P
 
 from bench import _timing
 from bench import step as step_bench
-from embeddings.models.packing import batch_token_index
+from embeddings.host_batch import batch_token_index
 from embeddings.sharding import DATA_AXES
 from tools import hlo_trace, roofline
 
