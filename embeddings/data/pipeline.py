@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import copy
 import logging
+import math
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -455,19 +456,45 @@ def _check_settings(**s) -> None:
     share = s["max_bad_line_share"]
     if isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share <= 1:
         raise ValueError(f"max_bad_line_share must be in [0, 1], got {share!r}.")
-    unit = s["datasets_per_batch"] * s["process_count"]
-    if s["batch_size"] % unit:
-        raise ValueError(
-            f"batch_size {s['batch_size']} is not divisible by datasets_per_batch "
-            f"({s['datasets_per_batch']}) x process_count ({s['process_count']}) = {unit}: every "
-            f"process fills an equal share of every group. Use a multiple of {unit}, e.g. "
-            f"{max(unit, s['batch_size'] // unit * unit)}."
-        )
+    problem = batch_split_problem(
+        s["batch_size"],
+        datasets_per_batch=s["datasets_per_batch"],
+        process_count=s["process_count"],
+    )
+    if problem:
+        raise ValueError(problem)
     buckets = s["buckets"]
     if not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in buckets) or list(
         buckets
     ) != sorted(set(buckets)):
         raise ValueError(f"buckets must be increasing positive integers, got {buckets!r}.")
+
+
+def batch_split_problem(
+    batch_size: int, *, datasets_per_batch: int, process_count: int, device_count: int | None = None
+) -> str | None:
+    """Why a global batch cannot be split as a run needs, or None if it can.
+
+    Every process fills an equal share of each of the `datasets_per_batch` groups, and
+    (when `device_count` is given) every device takes an equal share of the rows, so the
+    batch must be a multiple of both. The one check of this, for the pipeline and the
+    start-up config validation alike.
+    """
+    groups = datasets_per_batch * process_count
+    unit = groups if device_count is None else math.lcm(groups, device_count)
+    if batch_size % unit == 0:
+        return None
+    devices = (
+        ""
+        if device_count is None
+        else f", and each of the {device_count} devices an equal share of the rows"
+    )
+    return (
+        f"config.batch_size={batch_size} is not divisible by {unit}: each of the "
+        f"{process_count} processes fills an equal share of each of the "
+        f"config.data.datasets_per_batch={datasets_per_batch} groups{devices}. Use a "
+        f"multiple of {unit}, e.g. {max(unit, batch_size // unit * unit)}."
+    )
 
 
 def _check_buckets(buckets: Sequence[int], limits: Sequence[tuple[int, int]]) -> None:
