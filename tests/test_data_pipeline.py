@@ -134,6 +134,42 @@ def test_long_texts_are_cut_exactly_with_byte_level_bpe():
     assert BatchTokenizer(bpe).encode(texts, 24) == expected
 
 
+class _Recording:
+    """Stands in for BatchTokenizer's Rust tokenizer and records what it is given."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.lengths = tokenizer, []
+
+    def encode_batch_fast(self, texts):
+        self.lengths += [len(t) for t in texts]
+        return self.tokenizer.encode_batch_fast(texts)
+
+
+def texts_without_whitespace(size: int) -> list[str]:
+    """Texts of about `size` characters with no ASCII whitespace, and two ordinary texts."""
+    rng = np.random.default_rng(size)
+    cjk = "".join(chr(c) for c in rng.integers(0x4E00, 0x9FFF, size))  # one char, one token
+    blob = "".join(rng.choice(list("abcdef0123456789+/"), size))  # base64-like: one word
+    dotted = ".".join(["x" * 50] * (size // 51))  # words split by punctuation only
+    return [cjk, blob, dotted, "a short text", "words " * 2000]
+
+
+@pytest.mark.parametrize("limit", [8, 128])
+def test_a_huge_text_without_whitespace_is_cut_by_characters(limit):
+    tokenizer = bert_tokenizer()
+    batch_tokenizer = BatchTokenizer(tokenizer)
+    batch_tokenizer.encode(["warm up"], limit)
+    recording = _Recording(batch_tokenizer._by_limit[limit])
+    batch_tokenizer._by_limit[limit] = recording
+    batch_tokenizer.encode(texts_without_whitespace(10_000_000), limit)  # 10 MB texts
+    assert max(recording.lengths) <= 64 * limit  # bounded, whatever the text's size
+    # The tokens are those of the whole text: the reference tokenizes it whole (on
+    # 200 kB texts, which the cut handles the same way as 10 MB ones).
+    texts = texts_without_whitespace(200_000)
+    expected = [tokenizer(t, truncation=True, max_length=limit)["input_ids"] for t in texts]
+    assert batch_tokenizer.encode(texts, limit) == expected
+
+
 def test_text_hash_is_stable_across_processes(tmp_path):
     texts = ["A plane is taking off.", "ünïcödé", "d0 l1 c0"]
     code = (
