@@ -20,7 +20,7 @@ from test_data_support import (
     write_lines,
 )
 
-from embeddings.data import MalformedDataError, build_pipeline, text_hash
+from embeddings.data import InputPipeline, MalformedDataError, build_pipeline, text_hash
 from embeddings.data.tokenize import BatchTokenizer, Collator
 
 
@@ -402,6 +402,57 @@ def test_a_failure_in_the_thread_reaches_the_caller(tmp_path):
             next(pipeline)
     assert f"{path}:26: invalid JSON" in str(error.value)
     assert "max_bad_line_share=0.0" in str(error.value)
+
+
+def test_a_truncated_gzip_file_stops_the_run_naming_it(tmp_path):
+    import gzip
+
+    path = write_lines(tmp_path / "cut.jsonl.gz", synthetic_rows(0, 1000))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    config = [{"name": "cut.jsonl.gz", "weight": 1}]
+    with (
+        InputPipeline(
+            data_config=config,
+            data_folder=tmp_path,
+            tokenizer=bert_tokenizer(),
+            batch_size=8,
+            buckets=(),
+            max_length_anchor=16,
+            max_length_document=16,
+            shuffle_buffer=100,
+        ) as pipeline,
+        pytest.raises(MalformedDataError) as error,
+    ):
+        for _ in range(1000):
+            next(pipeline)
+    with gzip.open(path) as f, pytest.raises(EOFError):
+        f.read()  # the file really is cut
+    assert f"{path}: the gzip data ends early, after line" in str(error.value)
+
+
+def test_invalid_utf8_in_a_tsv_counts_as_a_bad_line(tmp_path):
+    rows = [f"q{i} text\tpassage {i}".encode() for i in range(200)]
+    rows[50] = b"q50 caf\xe9\tlatin-1, not UTF-8"
+    (tmp_path / "p.tsv").write_bytes(b"q\tp\n" + b"\n".join(rows) + b"\n")
+    config = [{"name": "p.tsv", "weight": 1, "fields": ["q", "p"]}]
+    with InputPipeline(
+        data_config=config,
+        data_folder=tmp_path,
+        tokenizer=bert_tokenizer(),
+        batch_size=8,
+        buckets=(),
+        max_length_anchor=16,
+        max_length_document=16,
+        shuffle_buffer=1000,
+    ) as pipeline:
+        for _ in range(30):
+            next(pipeline)
+        (stats,) = pipeline.stats()["datasets"]
+    assert stats["bad_lines"] == 1 and stats["lines_checked"] == 200
+    assert stats["bad_line_samples"] == [
+        f"{tmp_path / 'p.tsv'}:52: invalid UTF-8 (byte 0xe9) in column 0 ('q')"
+    ]
 
 
 def test_stats(tmp_path):
