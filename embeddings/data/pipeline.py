@@ -21,6 +21,7 @@ from typing import Any
 import ml_collections
 from grain.experimental import ThreadPrefetchDatasetIterator
 
+from configs import default as default_config
 from embeddings.data.bad_lines import BadLineTracker
 from embeddings.data.data_config import DatasetEntry, load_data_config
 from embeddings.data.mixer import Mixer
@@ -34,6 +35,9 @@ logger = logging.getLogger(__name__)
 STATE_VERSION = 1
 # Lines of a dataset judged before its malformed share is enforced (or its first pass, if shorter).
 MIN_LINES_FOR_BAD_SHARE = 1000
+# The settings' defaults are the training config's: configs/default.py defines (and comments)
+# them once.
+_DEFAULT = default_config.get_config()
 
 
 class _Batches:
@@ -193,7 +197,8 @@ class InputPipeline:
 
     Each item is this process's share of one global batch: batch_size // process_count
     rows, `datasets_per_batch` groups of rows in order, each group planned from one
-    dataset. See data/README.md for the semantics.
+    dataset. See data/README.md for the semantics. The settings default to those of
+    configs/default.py (`config.data`, `config.seed`).
 
     Args:
       data_config: path of data_config.json (local or gs://) or the parsed list of entries.
@@ -229,16 +234,16 @@ class InputPipeline:
         data_folder: str | os.PathLike,
         tokenizer,
         batch_size: int,
-        datasets_per_batch: int = 2,
-        max_length_anchor: int = 128,
-        max_length_document: int = 128,
-        buckets: Sequence[int] = (32, 64, 128),
-        shuffle_buffer: int = 100_000,
-        skip_duplicates: bool = True,
-        max_bad_line_share: float = 0.01,
-        prefetch: int = 4,
-        workers: int = 0,
-        seed: int = 0,
+        datasets_per_batch: int = _DEFAULT.data.datasets_per_batch,
+        max_length_anchor: int = _DEFAULT.data.max_length_anchor,
+        max_length_document: int = _DEFAULT.data.max_length_document,
+        buckets: Sequence[int] = _DEFAULT.data.buckets,
+        shuffle_buffer: int = _DEFAULT.data.shuffle_buffer,
+        skip_duplicates: bool = _DEFAULT.data.skip_duplicates,
+        max_bad_line_share: float = _DEFAULT.data.max_bad_line_share,
+        prefetch: int = _DEFAULT.data.prefetch,
+        workers: int = _DEFAULT.data.workers,
+        seed: int = _DEFAULT.seed,
         process_index: int = 0,
         process_count: int = 1,
         min_lines_for_bad_share: int = MIN_LINES_FOR_BAD_SHARE,
