@@ -432,7 +432,12 @@ def _text_list(row: Any, spec: RowSpec) -> list:
         )
     expected = spec.layout.columns + spec.is_margin
     if len(row) != expected:
-        raise BadRecord(f"{len(row)} columns, expected {expected}{_fixed(spec)}")
+        # A row that would make a layout of its own conflicts with the file's; one with
+        # fewer than 2 texts is merely short.
+        conflict = len(row) - spec.is_margin >= 2
+        raise BadRecord(
+            f"{len(row)} columns, expected {expected}{_fixed(spec) if conflict else ''}"
+        )
     return row
 
 
