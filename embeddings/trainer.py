@@ -170,7 +170,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # ---- Processes ----
     workdir = epath.Path(workdir)
     process_index, process_count = jax.process_index(), jax.process_count()
-    validate(config, process_count=process_count)
+    validate(config, process_count=process_count, device_count=jax.device_count())
     logging.info(
         "Process %d of %d; %d local devices, %d in all (%s).",
         process_index,

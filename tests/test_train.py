@@ -181,6 +181,10 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path):
         ("--config.totl_steps=5", "totl_steps"),
         ("--config.model.pooling=avg", "config.model.pooling='avg'"),
         ("--config.grad_cache_chunk=7", "grad_cache_chunk=7"),
+        ("--config.optimizer.learning_rate=nan", "config.optimizer.learning_rate=nan"),
+        ("--config.data.datasets_per_batch=0", "config.data.datasets_per_batch=0 must be > 0"),
+        ("--config.batch_size=33", "config.batch_size=33 is not divisible by 2"),
+        ("--config.batch_size=33", "each of the 2 devices"),
         ("--config.model.document_init=foo", "document_init"),
         (
             "--config.model.attention_tiling=backward_keyblock=64",
