@@ -319,7 +319,7 @@ def mine(
         scores, indices = top_k(block, corpus_embeddings, k, chunk_size=chunk_size)
         positive_scores = [
             np.asarray(corpus_embeddings[found], np.float32) @ query
-            for query, found in zip(block, positives)
+            for query, found in zip(block, positives, strict=True)
         ]
         negatives, negative_scores = select_negatives(
             scores, indices, positives, positive_scores, options, range_max, rng
@@ -333,6 +333,6 @@ def mine(
                     if valid.all():
                         yield [query, index.corpus[positive], *texts]
                 else:
-                    for text, ok in zip(texts, valid):
+                    for text, ok in zip(texts, valid, strict=True):
                         if ok:
                             yield [query, index.corpus[positive], text]

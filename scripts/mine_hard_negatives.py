@@ -33,10 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone
 
 from tqdm import tqdm
 
+from embeddings import mining
 from embeddings.data import DataConfigError, MalformedDataError
 from embeddings.data.data_config import parse_entries
 from embeddings.data.readers import BadRecord, infer_row_spec, make_source, parse_row
-from embeddings import mining
 from scripts.evaluate import load_encode_fn
 
 # Bad lines of an input file reported by name (the rest only counted).

@@ -64,8 +64,8 @@ def toy_data(seed: int, n_queries: int = 40, n_extra: int = 30):
 
 def ours(pairs, extra, vectors, similarity, options, seed, **kwargs):
     index = mining.index_pairs(pairs, extra)
-    embed = lambda texts: np.stack([vectors[t] for t in texts])  # noqa: E731
-    queries, corpus = embed(index.queries), embed(index.corpus)
+    queries = np.stack([vectors[t] for t in index.queries])
+    corpus = np.stack([vectors[t] for t in index.corpus])
     if similarity == "cosine":
         queries, corpus = mining.normalize(queries), mining.normalize(corpus)
     return list(mining.mine(index, queries, corpus, options, seed=seed, **kwargs))
@@ -221,7 +221,7 @@ def test_script_end_to_end_on_a_tiny_model(tmp_path):
     assert layout.kind == "contrastive" and layout.columns == 4
     positives = {q: p for q, p in rows}
     assert [row[:2] for row in mined] == [tuple(r) for r in rows]  # every pair kept, in order
-    for query, positive, *negatives in mined:
+    for _query, positive, *negatives in mined:
         assert positive not in negatives and len(set(negatives)) == 2
         assert all(n in positives.values() and n != positive for n in negatives)
 
@@ -233,7 +233,7 @@ def test_script_end_to_end_on_a_tiny_model(tmp_path):
         output_format="n-tuple",
         verbose=False,
     )
-    same = sum(list(r.values()) == list(m) for r, m in zip(reference, mined))
+    same = sum(list(r.values()) == list(m) for r, m in zip(reference, mined, strict=True))
     assert same >= 0.9 * len(rows)
 
 
