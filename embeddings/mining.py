@@ -239,7 +239,7 @@ def select_negatives(
     """Applies the selection rules to the candidates of a block of queries.
 
     Args:
-      scores: [n, K] candidate scores, best first (-inf: no candidate).
+      scores: [n, K] candidate scores, best first (-inf: no candidate, as `top_k` pads).
       indices: [n, K] candidate corpus indices (-1: no candidate).
       positives: per query, the corpus indices of its positives.
       positive_scores: per query, the scores of its positives.
@@ -251,7 +251,7 @@ def select_negatives(
       ([n, num_negatives] corpus indices, [n, num_negatives] scores, best first); a score
       of -inf marks a slot where no valid negative was left.
     """
-    scores = np.where(indices == -1, -np.inf, scores).astype(np.float32)
+    scores = np.array(scores, np.float32)  # struck candidates are set to -inf in place
     for row, found in enumerate(positives):
         scores[row, np.isin(indices[row], found)] = -np.inf
     if options.absolute_margin is not None or options.relative_margin is not None:

@@ -56,9 +56,11 @@ def toy_data(seed: int, n_queries: int = 40, n_extra: int = 30):
     extra = [f"extra {i}" for i in range(n_extra)]
     texts = {t for pair in pairs for t in pair} | set(extra)
     vectors = {t: rng.normal(size=DIM).astype(np.float32) for t in sorted(texts)}
-    # Positives near their query, so margins and max_score have something to strike.
-    for query, positive in pairs:
-        vectors[positive] = vectors[query] + 0.8 * vectors[positive]
+    # Most positives near their query, so margins and max_score have something to strike;
+    # every fifth query's far from it (a negative score, where a relative margin's sign matters).
+    for i, (query, positive) in enumerate(pairs):
+        sign = -0.5 if i % 5 == 4 else 1.0
+        vectors[positive] = sign * vectors[query] + 0.8 * vectors[positive]
     return pairs, extra, vectors
 
 
@@ -113,6 +115,8 @@ CASES = {
         dict(range_max=20, sampling_strategy="random", output_format="triplet", num_negatives=5),
     ),
     "dot_relative": ("dot", dict(relative_margin=0.1, range_min=1, num_negatives=2)),
+    # A window over the whole corpus reaches candidates near a negative positive score.
+    "dot_wide_relative": ("dot", dict(relative_margin=0.5, range_max=60, num_negatives=2)),
     "random_window_ntuple": (
         "cosine",
         dict(range_min=3, range_max=25, sampling_strategy="random", num_negatives=6),
