@@ -238,7 +238,7 @@ def test_script_end_to_end_on_a_tiny_model(tmp_path):
         verbose=False,
     )
     same = sum(list(r.values()) == list(m) for r, m in zip(reference, mined, strict=True))
-    assert same >= 0.9 * len(rows)
+    assert same >= 0.9 * len(rows), f"{same} of {len(rows)} rows as sentence-transformers mines"
 
 
 def test_script_reports_bad_options_without_a_traceback(tmp_path):
