@@ -22,7 +22,7 @@ from embeddings import flops
 from embeddings.checkpointing import Checkpointer, restore_from_path
 from embeddings.config_validation import validate
 from embeddings.data import build_pipeline
-from embeddings.evaluation import build_evaluators
+from embeddings.evaluation import build_evaluators, run_evaluators
 from embeddings.metrics_writer import MetricWriter
 from embeddings.model_setup import build_model, save_model_files
 from embeddings.models import packing
@@ -161,27 +161,24 @@ def _device_batch(local: dict, mesh, pack_levels: int) -> dict:
     return global_batch(_agree_shapes(local, mesh.size, pack_levels), mesh)
 
 
-def make_encode_fn(model, params, tokenizer, config: ml_collections.ConfigDict):
+def make_encode_fn(model, params, tokenizer, config: ml_collections.ConfigDict, mesh=None):
     """(texts, role) -> embeddings with the current parameters, for the evaluators.
 
     Texts are truncated at the model's own inference length (what the exported
     model will use), not the training lengths, so numbers match the export's.
+    With a mesh, each batch's rows are split over all its devices.
     """
 
     def encode(texts, role):
         return model.encoder.encode(
-            params[model.tower(role)], tokenizer, list(texts), batch_size=config.eval.batch_size
+            params[model.tower(role)],
+            tokenizer,
+            list(texts),
+            batch_size=config.eval.batch_size,
+            mesh=mesh,
         )
 
     return encode
-
-
-def evaluate(evaluators, encode) -> dict[str, float]:
-    results = {}
-    for evaluator in evaluators:
-        for metric, value in evaluator(encode).items():
-            results[f"eval/{evaluator.name}/{metric}"] = float(value)
-    return results
 
 
 def _write_run_files(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
@@ -271,8 +268,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     def run_eval(step: int) -> dict:
         if not evaluators:
             return {}
-        encode = make_encode_fn(model, state.params, setup.tokenizer, config)
-        results = evaluate(evaluators, encode)
+        encode = make_encode_fn(model, state.params, setup.tokenizer, config, mesh)
+        results = run_evaluators(evaluators, encode, config.eval.mean_of)
         writer.write(step, results)
         return results
 
