@@ -151,15 +151,19 @@ def get_config() -> ml_collections.ConfigDict:
         dict(
             sts_file="data/stsbenchmark.tsv.gz",  # STS benchmark; "" disables
             sts_split="dev",  # "train" | "dev" | "test"
-            retrieval_file="data/debian_retrieval_dev.jsonl.gz",  # query/document set; "" disables
+            # Retrieval set (Debian JSONL or a BEIR folder such as
+            # data/debian_retrieval_dev); "" disables.
+            retrieval_file="data/debian_retrieval_dev.jsonl.gz",
             max_queries=0,  # retrieval queries used (0 = all); the corpus is always whole
-            batch_size=128,  # texts per encoding batch (split over all devices)
+            # Texts per encoding batch, split over all devices (rows rounded up to a
+            # multiple of the device count).
+            batch_size=128,
             # More tasks, each logged as eval/<name>/<metric> (after sts_file's and
             # retrieval_file's): dicts with name, kind ("sts" | "retrieval" |
             # "reranking" | "pair_classification"), data (file, BEIR folder, Hub
             # id or "NanoBEIR"), optional split and max_queries. See
             # embeddings/evaluation/tasks.py and data/README.md, e.g.
-            # (dict(name="graded", kind="retrieval", data="data/debian_graded_beir"),)
+            # (dict(name="graded", kind="retrieval", data="data/debian_graded"),)
             tasks=(),
             # "<task name>/<metric>" keys averaged into eval/mean (a best_metric that
             # weighs several tasks), e.g. ("sts/spearman_cosine", "retrieval/ndcg@10").

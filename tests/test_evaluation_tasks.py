@@ -535,3 +535,10 @@ def test_chunked_top_k_equals_st_metrics_over_the_whole_ranking(monkeypatch):
         name, k = metric.split("@")
         assert value == pytest.approx(reference[f"{name}@k"][int(k)], abs=1e-12), metric
     assert 0.0 < ours["mrr@10"] < 1.0
+
+
+def test_eval_batch_size_is_checked():
+    config = tiny.get_config()
+    config.eval.batch_size = 0
+    with pytest.raises(ConfigError, match=r"config.eval.batch_size=0 must be > 0"):
+        validate(config)

@@ -154,6 +154,8 @@ def validate_eval(config: ml_collections.ConfigDict) -> None:
       TaskError: naming the key (e.g. config.eval.tasks[1].kind) and what to do.
     """
     config_eval = config.eval
+    if config_eval.batch_size <= 0:
+        raise TaskError(f"config.eval.batch_size={config_eval.batch_size!r} must be > 0.")
     names: dict[str, dict] = {}
     for key, task in eval_tasks(config_eval):
         _check_task(key, task)
