@@ -166,6 +166,7 @@ def _train_sentence_transformers(st_folder, output_dir, eps):
 
 
 def test_whole_update_matches_sentence_transformers_trainer(st_folder, data_folder, tmp_path):
+    pytest.importorskip("accelerate", reason="the HF Trainer needs accelerate (requirements-dev)")
     from embeddings.checkpointing import find_checkpoint, restore_params
     from embeddings.model_setup import load_model_files
     from embeddings.trainer import read_metrics, train_and_evaluate
