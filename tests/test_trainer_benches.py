@@ -38,7 +38,7 @@ def launched(tmp_path_factory):
     )
     env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0")
     common = ["--config", str(config), "--batch_size", "8", "--json"]
-    quality = "--steps 2 --seeds 2 --max_seq_length 32 --eval_max_seq_length 32"
+    quality = "--steps 2 --seeds 1 --max_seq_length 32 --eval_max_seq_length 32"
     quality += " --eval_queries 20 --sts_pairs 40"
     commands = {"quality": quality.split(), "trainer": ["--steps", "4", "--skip", "1"]}
     processes = {
@@ -70,12 +70,7 @@ def _result(launched, name: str) -> dict:
 def test_quality_bench(launched):
     r = _result(launched, "quality")
     runs = r["runs"]
-    assert sorted((x["trainer"], x["seed"]) for x in runs) == [
-        ("ours", 0),
-        ("ours", 1),
-        ("st", 0),
-        ("st", 1),
-    ]
+    assert sorted((x["trainer"], x["seed"]) for x in runs) == [("ours", 0), ("st", 0)]
     for x in runs:
         assert x["eval_max_seq_length"] == 32  # every model evaluated at the same limit
         assert 0 <= x["debian_mrr@10"] <= 1 and -1 <= x["stsb_spearman"] <= 1
@@ -84,7 +79,7 @@ def test_quality_bench(launched):
         values = [x["debian_mrr@10"] for x in runs if x["trainer"] == side]
         summary = r["summary"][side]["debian_mrr@10"]
         assert summary["mean"] == pytest.approx(statistics.fmean(values))
-        assert summary["std"] == pytest.approx(statistics.stdev(values))
+        assert summary["min"] == min(values) and summary["max"] == max(values)
     # The starting model is evaluated too: the untrained tiny model is near chance.
     assert r["start"]["debian_mrr@10"] < 0.2
 
