@@ -168,8 +168,8 @@ def _train_sentence_transformers(st_folder, output_dir, eps):
 def test_whole_update_matches_sentence_transformers_trainer(st_folder, data_folder, tmp_path):
     pytest.importorskip("accelerate", reason="the HF Trainer needs accelerate (requirements-dev)")
     from embeddings.checkpointing import find_checkpoint, restore_params
-    from embeddings.model_setup import load_model_files
-    from embeddings.trainer import read_metrics, train_and_evaluate
+    from embeddings.trainer import train_and_evaluate
+    from embeddings.workdir import load_model_files, read_metrics
 
     config = _our_config(st_folder, data_folder)
     workdir = tmp_path / "ours"
@@ -281,17 +281,19 @@ def test_gradients_at_init_match_sentence_transformers(st_folder, data_folder):
     """Every gradient tensor of the symmetric loss on one batch, ours vs torch autograd."""
     from sentence_transformers import SentenceTransformer
 
+    from embeddings import host_batch
     from embeddings.data import build_pipeline
     from embeddings.model_setup import build_model
+    from embeddings.sharding import make_mesh
     from embeddings.train_step import loss_and_grads
-    from embeddings.trainer import HOST_ONLY_KEYS, _agree_shapes
 
     config = _our_config(st_folder, data_folder)
     setup = build_model(config)
     with build_pipeline(config, setup.tokenizer) as pipeline:
         batch = next(iter(pipeline))
-    batch = {k: v for k, v in batch.items() if k not in HOST_ONLY_KEYS}
-    batch = jax.tree.map(np.asarray, _agree_shapes(batch, 1, config.model.pack_levels))
+    mesh = make_mesh(devices=jax.devices()[:1])
+    shapes = host_batch.agree_shapes(batch, 1, config.model.pack_levels)
+    batch = jax.tree.map(np.asarray, host_batch.device_batch(batch, shapes, mesh))
     (loss, _), grads = loss_and_grads(
         setup.params, batch, None, model=setup.model, loss_config=config.loss
     )
