@@ -309,6 +309,31 @@ def test_packed_equals_padded_single_device(mesh_shape, monkeypatch):
     _assert_trees_close(many[1], one[1], rtol=1e-5)
 
 
+@pytest.mark.parametrize("mesh_shape", [(1, 1), (8, 1), (2, 4)])
+def test_packed_equals_padded_with_dropout(mesh_shape, monkeypatch):
+    """With dropout on, the dense layers on real tokens only, packed per device,
+    train as the padded batch on one device: the dropout masks depend on the
+    example, token position and feature, not on the layout or the device count."""
+    monkeypatch.setattr("embeddings.sharding.MIN_FSDP_SIZE", 1)
+    model, params, batch = _random_setup()
+    key = jax.random.PRNGKey(7)
+    one = _sharded_loss_and_grads(
+        model, params, batch, make_mesh(1, 1, jax.devices()[:1]), dropout_rng=key
+    )
+    mesh = make_mesh(*mesh_shape, jax.devices()[: mesh_shape[0] * mesh_shape[1]])
+    index = batch_token_index(batch["attention_mask"], mesh.size, 32)
+    assert all(i is not None for i in index), "every column must be packed"
+    packed = _sharded_loss_and_grads(
+        model, params, dict(batch, token_index=index), mesh, dropout_rng=key
+    )
+    plain = _sharded_loss_and_grads(model, params, batch, mesh, dropout_rng=key)
+    without = _sharded_loss_and_grads(model, params, batch, mesh)
+    assert abs(one[0] - without[0]) > 1e-3, "dropout must change the loss"
+    for got in (packed, plain):
+        assert got[0] == pytest.approx(one[0], rel=1e-6)
+        _assert_trees_close(got[1], one[1], rtol=1e-5)
+
+
 def test_grad_cache_equals_plain_step_at_8_chunks():
     model, params, batch = _random_setup(rows=16)
     mesh1 = make_mesh(1, 1, jax.devices()[:1])

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from embeddings.models.dropout import hashable, keep_from_counter
+from embeddings.models.dropout import keep_at
 
 MAX_LENGTH = 512
 # Where the kernels were measured faster than XLA (see `measured_faster`).
@@ -152,7 +152,6 @@ def supports(batch: int, length: int, heads: int, head_dim: int) -> bool:
         and 16 <= length <= MAX_LENGTH
         and _power_of_two(head_dim)
         and 16 <= head_dim <= 256
-        and hashable((batch, heads, length, length))
     )
 
 
@@ -173,9 +172,8 @@ def _keep(seed_ref, b, h, row0, rows, length, heads, rate, col0=0, cols=None):
     key columns [col0, col0 + cols) (default all)."""
     t = jnp.arange(rows, dtype=jnp.int32)[:, None] + row0
     s = jnp.arange(length if cols is None else cols, dtype=jnp.int32)[None, :] + col0
-    base = ((seed_ref[2] + b.astype(jnp.uint32)) * heads + h.astype(jnp.uint32)) * length
-    counter = (base + t.astype(jnp.uint32)) * length + s.astype(jnp.uint32)
-    return keep_from_counter(counter, seed_ref[0], seed_ref[1], rate)
+    coordinates = (seed_ref[2] + b.astype(jnp.uint32), h, t, s)
+    return keep_at(coordinates, seed_ref[0], seed_ref[1], rate)
 
 
 def _dot(a, b, *, trans_a=False, trans_b=False):

@@ -15,6 +15,7 @@ from flax import nnx
 
 from embeddings.models.attention_kernel import Tiling
 from embeddings.models.config import EncoderConfig
+from embeddings.models.dropout import padded_tokens
 from embeddings.models.layers import (
     Embeddings,
     RelativePositionBias,
@@ -109,23 +110,38 @@ class Encoder(nnx.Module):
             raise ValueError("Encoder(deterministic=False) needs rngs=nnx.Rngs(dropout=key).")
         positions = position_ids(input_ids, self.config.position_padding_idx)
         packer = None
+        tokens = padded_tokens(*attention_mask.shape)
         if token_index is not None:
             packer = Packer.create(token_index, attention_mask)
             input_ids, positions = packer.pack_ids(input_ids), packer.pack_ids(positions)
             if token_type_ids is not None:
                 token_type_ids = packer.pack_ids(token_type_ids)
+            tokens = packer.tokens()
         x = self.embeddings(
-            input_ids, token_type_ids, positions, deterministic=deterministic, rngs=rngs
+            input_ids,
+            token_type_ids,
+            positions,
+            tokens=tokens,
+            deterministic=deterministic,
+            rngs=rngs,
         )
         bias = None
         if self.relative_attention_bias is not None:
             bias = self.relative_attention_bias(attention_mask.shape[1])
 
-        def run_layer(layer, x, mask, bias, packer, rngs):
-            return layer(x, mask, bias, packer=packer, deterministic=deterministic, rngs=rngs)
+        def run_layer(layer, x, mask, bias, packer, tokens, rngs):
+            return layer(
+                x,
+                mask,
+                bias,
+                packer=packer,
+                tokens=tokens,
+                deterministic=deterministic,
+                rngs=rngs,
+            )
 
         if self.remat:
             run_layer = nnx.remat(run_layer)
         for layer in self.layers:
-            x = run_layer(layer, x, attention_mask, bias, packer, rngs)
+            x = run_layer(layer, x, attention_mask, bias, packer, tokens, rngs)
         return x if packer is None else packer.unpack(x)

@@ -166,12 +166,20 @@ class Embeddings(nnx.Module):
         self.dropout = Dropout(config.hidden_dropout)
 
     def __call__(
-        self, input_ids, token_type_ids=None, positions=None, *, deterministic=True, rngs=None
+        self,
+        input_ids,
+        token_type_ids=None,
+        positions=None,
+        *,
+        tokens=None,
+        deterministic=True,
+        rngs=None,
     ):
         """Embeds token ids [..., N] into hidden states [..., N, H] in the compute dtype.
 
         `positions` default to those of padded [B, L] rows (`position_ids`); packed
-        ids (see `packing.py`) come with their own.
+        ids (see `packing.py`) come with their own. `tokens`: the tokens' (rows,
+        positions) in the padded batch, for dropout (`dropout.dropout_keep_mask`).
         """
         if positions is None:
             positions = position_ids(input_ids, self.config.position_padding_idx)
@@ -182,7 +190,7 @@ class Embeddings(nnx.Module):
                 token_type_ids = jnp.zeros_like(input_ids)
             x = x + self.token_type(token_type_ids)
         x = self.norm(x)
-        x = self.dropout(x, deterministic=deterministic, rngs=rngs)
+        x = self.dropout(x, tokens, deterministic=deterministic, rngs=rngs)
         return x.astype(self.dtype)
 
 
@@ -307,7 +315,7 @@ NORM_KERNELS = ("xla", "pallas")
 
 
 def add_and_norm(
-    norm: nnx.LayerNorm, y, x, *, y_bias=None, rate=0.0, dropout_rng=None, kernel="xla"
+    norm: nnx.LayerNorm, y, x, *, y_bias=None, rate=0.0, dropout_rng=None, tokens=None, kernel="xla"
 ):
     """`norm(dropout(y + y_bias) + x)`, the end of each encoder sublayer.
 
@@ -321,10 +329,10 @@ def add_and_norm(
     if kernel not in NORM_KERNELS:
         raise ValueError(f"norm kernel {kernel!r}: use one of {NORM_KERNELS}.")
     rate = rate if dropout_rng is not None else 0.0
-    tokens = math.prod(x.shape[:-1])
-    if kernel == "xla" or not norm_kernel.supports(tokens, x.shape[-1]):
+    count = math.prod(x.shape[:-1])
+    if kernel == "xla" or not norm_kernel.supports(count, x.shape[-1]):
         y = y if y_bias is None else y + y_bias
-        return norm((dropout(y, rate, dropout_rng) if rate else y) + x)
+        return norm((dropout(y, rate, dropout_rng, tokens) if rate else y) + x)
     interpret = jax.default_backend() != "gpu"
     seed = seed_words(dropout_rng) if rate else jnp.zeros((2,), jnp.uint32)
 
@@ -452,20 +460,29 @@ class TransformerLayer(nnx.Module):
         self.dropout = Dropout(config.hidden_dropout)
         self.dropout_after_attention = config.dropout_after_attention_output
 
-    def __call__(self, x, mask, bias=None, *, packer=None, deterministic=True, rngs=None):
+    def __call__(
+        self, x, mask, bias=None, *, packer=None, tokens=None, deterministic=True, rngs=None
+    ):
         """Maps hidden states [B, L, H] (or packed [G, T, H] with `packer`) to the same
-        shape; `mask` is the [B, L] attention mask."""
+        shape; `mask` is the [B, L] attention mask, `tokens` the (rows, positions) of
+        `x`'s tokens in the padded batch (for dropout)."""
         attended, attended_bias = self.attention(
             x, mask, bias, packer=packer, deterministic=deterministic, rngs=rngs, output_bias=False
         )
         drop_attended = self.dropout_after_attention
         x = self._add_and_norm(
-            self.attention_norm, (attended, attended_bias), x, drop_attended, deterministic, rngs
+            self.attention_norm,
+            (attended, attended_bias),
+            x,
+            drop_attended,
+            tokens,
+            deterministic,
+            rngs,
         )
         y = _without_bias(self.output, self.activation(self.intermediate(x)))
-        return self._add_and_norm(self.output_norm, y, x, True, deterministic, rngs)
+        return self._add_and_norm(self.output_norm, y, x, True, tokens, deterministic, rngs)
 
-    def _add_and_norm(self, norm, projected, x, drop, deterministic, rngs):
+    def _add_and_norm(self, norm, projected, x, drop, tokens, deterministic, rngs):
         """`norm(dropout(y + bias) + x)` of `projected` = (y, bias), with this layer's
         hidden dropout where `drop`."""
         rng = None
@@ -481,5 +498,6 @@ class TransformerLayer(nnx.Module):
             y_bias=bias,
             rate=self.dropout.rate,
             dropout_rng=rng,
+            tokens=tokens,
             kernel=self.norm_kernel,
         )
