@@ -4,7 +4,7 @@
         [--head_dim 64] [--dtype bfloat16] [--rate 0.1] [--no_bias] [--steps 20] [--json]
     python bench/attention.py --sweep [--sweep_max N] ...   # the kernels' tilings
 
-Times `layers.attend` on random [batch, length, heads, head_dim] inputs with a
+Times `kernels.attention_fn(kernel, ...)` on random [batch, length, heads, head_dim] inputs with a
 random key-padding mask, MPNet's [heads, length, length] bias (unless
 --no_bias) and attention dropout at --rate, as one encoder layer of a training
 step computes it, with kernel="xla" and kernel="pallas" in turn (a, b, a, b,
@@ -36,42 +36,27 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import _timing
-from embeddings.models import layers
-from embeddings.models.attention_kernel import Tiling, attention
 from embeddings.models.dropout import seed_words
+from embeddings.models.kernels import attention_fn
+from embeddings.models.kernels.pallas_attention import Tiling, attention
 
 KERNELS = ("xla", "pallas")
 # What --sweep varies, one kernel at a time (the other keeps its default). Left
 # out: tilings that ptxas reports spilling registers for sm_90 at head size 64
 # (forward 128-row blocks with 4 warps; one-kernel backward with 64-row blocks,
 # or 4 or 16 warps: its programs keep a whole sequence's key and value gradients
-# in registers). The split backward (`Tiling.backward_key_block`) needs 98-128
-# registers with 8 warps, so an SM holds two of its programs where it holds one
-# of the one-kernel backward's 255.
+# in registers).
 FORWARD_SWEEP = [
     {"forward_block": block, "forward_warps": warps, "forward_stages": stages}
     for block, warps in ((64, 4), (32, 4), (32, 8), (64, 8), (128, 8))
     for stages in (1, 2)
 ]
-_SPLIT = {"backward_key_block": 64, "query_gradient_block": 32, "query_gradient_warps": 8}
 BACKWARD_SWEEP = [
     {},  # the default: one kernel, 32-row blocks, 32 programs per head, 8 warps
     {"backward_stages": 2},
     {"backward_block": 16},
     {"backward_programs_per_head": 64},
     {"backward_programs_per_head": 16},
-    _SPLIT,
-    {**_SPLIT, "query_gradient_block": 64, "query_gradient_warps": 4},
-    # Every matmul a Hopper warpgroup MMA (64-row tiles; bench/gpu_compile.py's wgmma share).
-    {**_SPLIT, "backward_block": 64, "query_gradient_block": 64, "query_gradient_warps": 4},
-    {**_SPLIT, "query_gradient_warps": 4},
-    {**_SPLIT, "backward_block": 16},
-    {**_SPLIT, "backward_key_block": 32},
-    {**_SPLIT, "backward_key_block": 32, "backward_warps": 4},
-    {**_SPLIT, "backward_programs_per_head": 64},
-    {**_SPLIT, "backward_programs_per_head": 16},
-    {**_SPLIT, "backward_stages": 2},
-    {**_SPLIT, "backward_key_block": 128},
 ]
 
 
@@ -96,9 +81,10 @@ def inputs(args) -> dict:
 def functions(kernel: str, rate: float):
     """(forward, forward + backward), jitted, for one kernel."""
     key = jax.random.PRNGKey(0)
+    attend = attention_fn(kernel, jax.default_backend())
 
     def loss(q, k, v, bias, mask, weights):
-        out = layers.attend(q, k, v, mask, bias, dropout_rate=rate, dropout_rng=key, kernel=kernel)
+        out = attend(q, k, v, mask, bias, dropout_rate=rate, dropout_rng=key)
         return jnp.sum(out.astype(jnp.float32) * weights)
 
     return jax.jit(loss), jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))

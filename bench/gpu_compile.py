@@ -108,7 +108,9 @@ def compile_step(args, dump: pathlib.Path) -> str:
     mesh = Mesh(np.asarray(topology.devices).reshape(1, 1), ("data", "fsdp"))
     folder = step_bench.model_dir(args.model)
     pre = load_pretrained(str(folder))
-    parts = step_bench.StepParts.build(pre, args.dtype, **step_bench.model_kernels(args))
+    parts = step_bench.StepParts.build(
+        pre, args.dtype, **step_bench.model_kernels(args), mesh=mesh, backend="gpu"
+    )
     state = jax.eval_shape(parts.init_state)
     replicated = NamedSharding(mesh, P())
     shardings = jax.tree.map(lambda _: replicated, state)

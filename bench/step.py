@@ -2,8 +2,7 @@
 
     python bench/step.py [--json] [--dtype float32|bfloat16] [--batch_size 64] \
         [--max_length 128] [--steps 5] [--warmup 2] [--model minilm|tiny|PATH] \
-        [--pack_levels 8] [--attention_kernel auto|xla|pallas] [--attention_tiling ...] \
-        [--norm_kernel xla|pallas] [--full_length]
+        [--pack_levels 8] [--attention_kernel auto|xla|pallas] [--full_length]
 
 One step = forward of both columns of a batch of (anchor, positive) pairs, the
 symmetric in-batch negatives loss (cosine x 20), backward, grad-norm clipping
@@ -71,7 +70,7 @@ from configs import default
 from embeddings import flops
 from embeddings.dual_encoder import DualEncoder
 from embeddings.models import SentenceEncoder, load_pretrained, load_tokenizer
-from embeddings.models.attention_kernel import parse_tiling
+from embeddings.models.kernels import attention_fn
 from embeddings.models.packing import batch_token_index
 from embeddings.optim import make_optimizer
 from embeddings.sharding import batch_sharding, make_mesh, replicated
@@ -205,18 +204,19 @@ class StepParts:
         dtype,
         grad_cache_chunk=0,
         attention_kernel="auto",
-        attention_tiling="",
-        norm_kernel="xla",
+        *,
+        mesh=None,
+        backend=None,
     ):
-        """`pre`: `load_pretrained`'s result; the others as `OurStep`'s arguments."""
+        """`pre`: `load_pretrained`'s result; the others as `OurStep`'s arguments;
+        `backend` (default `jax.default_backend()`) and `mesh` pick the attention."""
         config = training_config(grad_cache_chunk)
+        backend = backend or jax.default_backend()
         encoder = SentenceEncoder(
             pre.config,
             pre.spec,
             dtype=DTYPES[dtype],
-            attention_kernel=attention_kernel,
-            attention_tiling=parse_tiling(attention_tiling),
-            norm_kernel=norm_kernel,
+            attention=attention_fn(attention_kernel, backend, mesh),
         )
         optimizer, schedule = make_optimizer(config, SCHEDULE_STEPS)
         return cls(DualEncoder(encoder), optimizer, schedule, config, {"encoder": pre.params})
@@ -245,8 +245,6 @@ class OurStep:
       grad_cache_chunk: rows per GradCache chunk; 0 for the plain step.
       devices: devices of the (data-parallel) mesh; default all.
       attention_kernel: config.model.attention_kernel ("auto", "xla", "pallas").
-      attention_tiling: config.model.attention_tiling ("" = the kernels' defaults).
-      norm_kernel: config.model.norm_kernel ("xla", "pallas").
     """
 
     def __init__(
@@ -257,16 +255,12 @@ class OurStep:
         grad_cache_chunk=0,
         devices=None,
         attention_kernel="auto",
-        attention_tiling="",
-        norm_kernel="xla",
     ):
         pre = load_pretrained(str(folder))
         self.config = pre.config
         self.tokenizer = load_tokenizer(pre.model_dir)
-        parts = StepParts.build(
-            pre, dtype, grad_cache_chunk, attention_kernel, attention_tiling, norm_kernel
-        )
         self.mesh = make_mesh(devices=devices)
+        parts = StepParts.build(pre, dtype, grad_cache_chunk, attention_kernel, mesh=self.mesh)
         state = parts.init_state()
         # No FSDP in these benchmarks: every device holds the whole state.
         shardings = jax.tree.map(lambda _: replicated(self.mesh), state)
@@ -459,12 +453,11 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 def model_kernels(args) -> dict:
     """The kernel options of our model from `add_batch_args`' flags (`OurStep`'s
     and `StepParts.build`'s keyword arguments, and the JSON's fields)."""
-    return {k: getattr(args, k) for k in ("attention_kernel", "attention_tiling", "norm_kernel")}
+    return {"attention_kernel": args.attention_kernel}
 
 
 def add_batch_args(parser: argparse.ArgumentParser) -> None:
-    """--batch_size, --max_length, --pack_levels, --attention_kernel, --attention_tiling,
-    --norm_kernel,
+    """--batch_size, --max_length, --pack_levels, --attention_kernel,
     --full_length, --padding: the batch and step settings of our side (bench/step_profile.py
     shares them)."""
     parser.add_argument("--batch_size", type=int, default=64, help="pairs per step")
@@ -480,17 +473,6 @@ def add_batch_args(parser: argparse.ArgumentParser) -> None:
         default="auto",
         choices=("auto", "xla", "pallas"),
         help="ours: config.model.attention_kernel (auto = fused Pallas kernels on GPUs)",
-    )
-    parser.add_argument(
-        "--attention_tiling",
-        default="",
-        help='ours: config.model.attention_tiling, e.g. "backward_key_block=64" ("" = defaults)',
-    )
-    parser.add_argument(
-        "--norm_kernel",
-        default="xla",
-        choices=("xla", "pallas"),
-        help="ours: config.model.norm_kernel (pallas = fused residual, dropout and LayerNorm)",
     )
     parser.add_argument(
         "--full_length",

@@ -29,7 +29,7 @@ from embeddings.models import (
     load_pretrained,
     load_tokenizer,
 )
-from embeddings.models.attention_kernel import parse_tiling
+from embeddings.models.kernels import attention_fn
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MODEL_FILES = "model"
@@ -72,8 +72,11 @@ def _random_encoder_config(m: ml_collections.ConfigDict, tokenizer) -> EncoderCo
     )
 
 
-def build_model(config: ml_collections.ConfigDict, *, seed: int | None = None) -> ModelSetup:
-    """Resolves `config.model` into a dual encoder with its initial parameters."""
+def build_model(
+    config: ml_collections.ConfigDict, *, seed: int | None = None, mesh=None
+) -> ModelSetup:
+    """Resolves `config.model` into a dual encoder with its initial parameters;
+    `mesh` is the mesh it trains on (None: one device), for the attention kernels."""
     m = config.model
     seed = config.seed if seed is None else seed
     dtype = DTYPES[m.dtype]
@@ -106,9 +109,7 @@ def build_model(config: ml_collections.ConfigDict, *, seed: int | None = None) -
         spec,
         dtype=dtype,
         remat=m.remat,
-        attention_kernel=m.attention_kernel,
-        attention_tiling=parse_tiling(m.attention_tiling),
-        norm_kernel=m.norm_kernel,
+        attention=attention_fn(m.attention_kernel, jax.default_backend(), mesh),
     )
     model = DualEncoder(encoder, m.tied)
 

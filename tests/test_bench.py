@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from embeddings.models import attention_kernel
+from embeddings.models.kernels import pallas_attention as attention_kernel
 
 pytestmark = pytest.mark.slow  # ~11 worker processes, each importing JAX and compiling a step
 

@@ -179,10 +179,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path):
         ("--config.model.pooling=avg", "config.model.pooling='avg'"),
         ("--config.grad_cache_chunk=7", "grad_cache_chunk=7"),
         ("--config.model.document_init=foo", "document_init"),
-        (
-            "--config.model.attention_tiling=backward_keyblock=64",
-            "unknown field 'backward_keyblock'",
-        ),
+        ("--config.model.attention_kernel=cudnn", "config.model.attention_kernel='cudnn'"),
     ],
 )
 def test_bad_config_fails_with_a_clear_message(tmp_path, override, message):

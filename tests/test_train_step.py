@@ -25,6 +25,8 @@ from embeddings.models import (
     load_pretrained,
     load_tokenizer,
 )
+from embeddings.models.attention import attend
+from embeddings.models.kernels import attention_fn
 from embeddings.models.packing import batch_token_index
 from embeddings.optim import make_optimizer
 from embeddings.sharding import global_batch, make_mesh, replicated, tree_shardings
@@ -230,7 +232,7 @@ def test_five_adamw_steps_match_pytorch(tiny_bert):
 # ---- Sharding and GradCache: same numbers on any mesh, any chunking ----
 
 
-def _random_setup(rows=16, lengths=(12, 20, 20), num_heads=4, attention_kernel="xla"):
+def _random_setup(rows=16, lengths=(12, 20, 20), num_heads=4, attention=attend):
     from embeddings.models import EncoderConfig
 
     config = EncoderConfig(
@@ -242,7 +244,7 @@ def _random_setup(rows=16, lengths=(12, 20, 20), num_heads=4, attention_kernel="
         max_position_embeddings=64,
     )
     spec = SentenceSpec(pooling="mean", normalize=True)
-    model = DualEncoder(SentenceEncoder(config, spec, attention_kernel=attention_kernel))
+    model = DualEncoder(SentenceEncoder(config, spec, attention=attention))
     params = model.init(jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
     batch = {"input_ids": [], "attention_mask": []}
@@ -353,15 +355,14 @@ def test_fused_attention_step_equals_xla_with_dropout(mesh_shape, chunk):
     GradCache steps, dropout on: the loss and gradients of XLA attention on one
     device (same dropout masks; GradCache draws its own per chunk)."""
     setup = dict(lengths=(16, 32, 32), num_heads=2)  # shapes the kernels take
+    mesh = make_mesh(*mesh_shape)
     model, params, batch = _random_setup(**setup)
-    fused, *_ = _random_setup(**setup, attention_kernel="pallas")
+    fused, *_ = _random_setup(**setup, attention=attention_fn("pallas", "cpu", mesh))
     key = jax.random.PRNGKey(4)
     one = _sharded_loss_and_grads(
         model, params, batch, make_mesh(1, 1, jax.devices()[:1]), chunk=chunk, dropout_rng=key
     )
-    many = _sharded_loss_and_grads(
-        fused, params, batch, make_mesh(*mesh_shape), chunk=chunk, dropout_rng=key
-    )
+    many = _sharded_loss_and_grads(fused, params, batch, mesh, chunk=chunk, dropout_rng=key)
     assert many[0] == pytest.approx(one[0], rel=1e-6)
     _assert_trees_close(many[1], one[1], rtol=1e-5)
 

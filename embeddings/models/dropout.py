@@ -134,16 +134,3 @@ class Dropout(nnx.Module):
         if rngs is None:
             raise ValueError("deterministic=False needs rngs with a 'dropout' stream.")
         return dropout(x, self.rate, rngs.dropout(), tokens)
-
-
-def keep_from_counter(counter: jax.Array, seed0, seed1, rate: float) -> jax.Array:
-    """The fused norm kernel's flat-index mask (removed with it in the next commit)."""
-    bits = _mix32(_mix32(counter ^ seed0) + seed1)
-    return bits >= jnp.uint32(round(rate * 2**32))
-
-
-def hashable(shape: tuple[int, ...]) -> bool:
-    """Whether every element of `shape` has its own 32-bit counter (norm kernel)."""
-    import math
-
-    return math.prod(shape) < 2**32

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from embeddings.models.attention_kernel import Tiling
+from embeddings.models.attention import Attention, attend
 from embeddings.models.config import EncoderConfig
 from embeddings.models.dropout import padded_tokens
 from embeddings.models.layers import (
@@ -38,10 +38,8 @@ class Encoder(nnx.Module):
         dtype: Compute dtype, float32 or bfloat16.
         remat: Rematerialise each layer in the backward pass (gradient
             checkpointing): less activation memory for one more forward per layer.
-        attention_kernel: "auto", "xla" or "pallas" (`layers.attend`).
-        attention_tiling: The Pallas kernels' `Tiling` (None: its defaults).
-        norm_kernel: "xla" or "pallas": how residual adds, hidden dropout and
-            LayerNorms run (`layers.add_and_norm`).
+        attention: The attention function of every layer (`attention.attend`, or
+            what `kernels.attention_fn` chose for the backend and mesh).
     """
 
     def __init__(
@@ -51,9 +49,7 @@ class Encoder(nnx.Module):
         rngs: nnx.Rngs,
         dtype=jnp.float32,
         remat: bool = False,
-        attention_kernel: str = "auto",
-        attention_tiling: Tiling | None = None,
-        norm_kernel: str = "xla",
+        attention: Attention = attend,
     ):
         if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
             raise ValueError(f"Encoder dtype must be float32 or bfloat16, got {dtype}.")
@@ -67,14 +63,7 @@ class Encoder(nnx.Module):
         )
         self.layers = nnx.List(
             [
-                TransformerLayer(
-                    config,
-                    rngs=rngs,
-                    dtype=dtype,
-                    attention_kernel=attention_kernel,
-                    attention_tiling=attention_tiling,
-                    norm_kernel=norm_kernel,
-                )
+                TransformerLayer(config, rngs=rngs, dtype=dtype, attention=attention)
                 for _ in range(config.num_layers)
             ]
         )

@@ -10,20 +10,18 @@ neither the training key's nor reproducible after a resume.
 
 These kernels keep a (query block, all keys) tile of one sequence and head in
 registers: the forward pass writes only the output and the log-sum-exp of each
-query row; the backward pass recomputes the probabilities from them, by
-default in one kernel whose programs each take a head and a share of the
-batch, or, with `Tiling.backward_key_block`, split as FlashAttention-2 splits
-it: key blocks for the key and value gradients, and a second kernel for the
-query gradient (`Tiling` says which measured faster where). The
-results are those of `layers.attend`'s XLA path to float32 rounding: the same
+query row; the backward pass recomputes the probabilities from them. The
+results are those of `attention.attend` (XLA) to float32 rounding: the same
 key mask (logits of padding keys set to the float32 minimum), the bias added
-after scaling, a float32 softmax, and the same dropout mask: the counter hash of
-`dropout.py` over the flat index of the [B, heads, L, L] probabilities, from the
-same seed words. Padding *query* rows get outputs too (their gradients are zero
-downstream); a row whose keys are all padding attends uniformly, as in XLA.
+after scaling, a float32 softmax, and the same dropout mask: the hash of
+`dropout.py` over each probability's (global row, head, query, key)
+coordinates, from the same seed words. Padding *query* rows get outputs too
+(their gradients are zero downstream); a row whose keys are all padding
+attends uniformly, as in XLA.
 
 On other backends `interpret=True` runs the same kernels as plain JAX (slow;
-that is how the tests check them against the XLA path on a CPU).
+that is how the tests check them against the XLA path on a CPU). Which
+attention a model runs is chosen in `kernels/__init__.py`.
 """
 
 from __future__ import annotations
@@ -61,21 +59,12 @@ class Tiling:
         forward_block: Query rows per forward program; its [block, L] float32 tile
             of logits and probabilities stays in registers.
         backward_block: Query rows per step of a backward program's loop.
-        backward_programs_per_head: Backward programs per head (per key block),
-            at most: each loops over its share of the batch's sequences and
-            accumulates the bias gradient of its share in its own block (fewer
-            programs, less to sum afterwards; more, more parallel work).
+        backward_programs_per_head: Backward programs per head, at most: each
+            loops over its share of the batch's sequences and accumulates the
+            bias gradient of its share in its own [L, L] block (fewer programs,
+            less to sum afterwards; more, more parallel work).
         forward_warps, backward_warps: Warps per program.
         forward_stages, backward_stages: Triton's software-pipelining stages.
-        backward_key_block: None: one backward kernel whose programs hold the
-            key and value gradients of whole sequences in registers and also
-            write the query gradient. A number: the backward kernel's programs
-            take key blocks of this many keys each (a quarter of the registers
-            at half the length, twice the programs), and a second kernel, tiled
-            like the forward one, recomputes the probabilities to write the
-            query gradient (FlashAttention-2's split: more matmuls, no atomics).
-        query_gradient_block, query_gradient_warps: Query rows and warps per
-            program of that second kernel.
     """
 
     forward_block: int = 64
@@ -85,25 +74,12 @@ class Tiling:
     backward_warps: int = 8
     forward_stages: int = 1
     backward_stages: int = 1
-    backward_key_block: int | None = None
-    query_gradient_block: int = 64
-    query_gradient_warps: int = 4
 
     def __post_init__(self):
-        for name in ("forward_block", "backward_block", "query_gradient_block"):
+        for name in ("forward_block", "backward_block"):
             if not (_power_of_two(getattr(self, name)) and getattr(self, name) >= 16):
                 raise ValueError(f"Tiling.{name}={getattr(self, name)}: use a power of two >= 16.")
-        key_block = self.backward_key_block
-        if key_block is not None and not (_power_of_two(key_block) and key_block >= 16):
-            raise ValueError(
-                f"Tiling.backward_key_block={key_block}: use None or a power of two >= 16."
-            )
-        for name in (
-            "forward_warps",
-            "backward_warps",
-            "backward_programs_per_head",
-            "query_gradient_warps",
-        ):
+        for name in ("forward_warps", "backward_warps", "backward_programs_per_head"):
             if not _power_of_two(getattr(self, name)):
                 raise ValueError(f"Tiling.{name}={getattr(self, name)}: use a power of two.")
         for name in ("forward_stages", "backward_stages"):
@@ -111,67 +87,32 @@ class Tiling:
                 raise ValueError(f"Tiling.{name}={getattr(self, name)}: use 1 or more.")
 
 
-def parse_tiling(text: str) -> Tiling:
-    """A `Tiling` from "name=value,name=value" (`config.model.attention_tiling`);
-    fields not named keep their defaults, "" is `Tiling()`, and
-    backward_key_block=none is the one-kernel backward."""
-    fields = {field.name for field in dataclasses.fields(Tiling)}
-    values: dict[str, int | None] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        name, _, value = item.partition("=")
-        name, value = name.strip(), value.strip()
-        if name not in fields:
-            raise ValueError(
-                f"attention tiling {text!r}: unknown field {name!r}; use name=value pairs of "
-                f"{sorted(fields)}."
-            )
-        if value.lower() == "none" and name == "backward_key_block":
-            values[name] = None
-        elif value.isdigit():
-            values[name] = int(value)
-        else:
-            raise ValueError(f"attention tiling {text!r}: {name}={value!r} is not a whole number.")
-    return Tiling(**values)
-
-
-def format_tiling(tiling: Tiling) -> str:
-    """The `parse_tiling` text of the fields where `tiling` differs from `Tiling()`."""
-    default = Tiling()
-    return ",".join(
-        f"{field.name}={getattr(tiling, field.name)}"
-        for field in dataclasses.fields(Tiling)
-        if getattr(tiling, field.name) != getattr(default, field.name)
-    )
-
-
 def supports(batch: int, length: int, heads: int, head_dim: int) -> bool:
     """Whether the kernels take these shapes: Triton tiles need power-of-two
-    sides of at least 16, and the dropout hash a 32-bit element index."""
+    sides of at least 16."""
+    del batch, heads  # any
     return (
         _power_of_two(length)
         and 16 <= length <= MAX_LENGTH
         and _power_of_two(head_dim)
-        and 16 <= head_dim <= 256
+        and (16 <= head_dim <= 256)
     )
 
 
 def measured_faster(length: int, head_dim: int) -> bool:
-    """Whether these shapes are where the kernels beat XLA on a GPU.
-
-    On an H100, bf16, 512 sequences x 128 tokens x 12 heads, dropout 0.1,
-    forward + backward of one layer: head size 64 (BERT-base, MPNet-base) 3.36 ->
-    1.65 ms (3.65 -> 1.92 with MPNet's bias); head size 32 (MiniLM) 2.71 -> 7.65
-    ms (Triton's narrow tiles). Longer sequences were checked for correctness
-    only.
-    """
+    """Whether these shapes are where the kernels beat XLA on a GPU (an H100,
+    bf16, one layer forward and backward; bench/README.md has the timings): head
+    size 64 (BERT-base, MPNet-base) up to 128 tokens. At head size 32 (MiniLM)
+    Triton's narrow tiles are slower than XLA; longer sequences were checked for
+    correctness only."""
     return head_dim in FAST_HEAD_DIMS and length <= FAST_MAX_LENGTH
 
 
-def _keep(seed_ref, b, h, row0, rows, length, heads, rate, col0=0, cols=None):
-    """Keep-mask of probability rows [row0, row0 + rows) of sequence b, head h, in
-    key columns [col0, col0 + cols) (default all)."""
+def _keep(seed_ref, b, h, row0, rows, length, rate):
+    """Keep-mask of probability rows [row0, row0 + rows) of sequence b, head h:
+    `dropout.keep_at` of (global row, head, query, key)."""
     t = jnp.arange(rows, dtype=jnp.int32)[:, None] + row0
-    s = jnp.arange(length if cols is None else cols, dtype=jnp.int32)[None, :] + col0
+    s = jnp.arange(length, dtype=jnp.int32)[None, :]
     coordinates = (seed_ref[2] + b.astype(jnp.uint32), h, t, s)
     return keep_at(coordinates, seed_ref[0], seed_ref[1], rate)
 
@@ -202,155 +143,96 @@ def _forward_kernel(*refs, scale, rate, heads, length, block, has_bias):
     p = p / total[:, None]
     lse_ref[...] = row_max + jnp.log(total)
     if rate:
-        keep = _keep(seed_ref, b, h, i * block, block, length, heads, rate)
+        keep = _keep(seed_ref, b, h, i * block, block, length, rate)
         p = jnp.where(keep, p * (1.0 / (1.0 - rate)), 0.0)
     v = v_ref[...]
     o_ref[...] = _dot(p.astype(v.dtype), v).astype(o_ref.dtype)
 
 
-def _over_query_blocks(
-    kernel, name, inputs, rate, interpret, *, block, warps, stages, outputs, backward=None
-):
-    """`kernel` over programs (sequence, head, query block of `block` rows): each
-    gets its query rows, the whole sequence's keys, values and key mask, the bias
-    rows and the seed words, and with `backward` = (dout, lse, delta) the output
-    gradient's rows and each row's log-sum-exp and delta, in that order.
-    `outputs` are (dtype, per-row) pairs: [B, L, heads, head_dim] query rows, or
-    float32 [B, heads, L] row values when per-row. `inputs`: (q, k, v, mask, bias, seed)."""
-    q, k, v, mask, bias, seed = inputs
-    batch, length, heads, head_dim = q.shape
-    query = pl.BlockSpec((None, block, None, head_dim), lambda b, h, i: (b, i, h, 0))
-    whole = pl.BlockSpec((None, length, None, head_dim), lambda b, h, i: (b, 0, h, 0))
-    rows = pl.BlockSpec((None, None, block), lambda b, h, i: (b, h, i))
-    in_specs, operands = [query, whole, whole], [q, k, v]
-    if backward is not None:
-        in_specs.append(query)
-        operands.append(backward[0])
-    in_specs.append(pl.BlockSpec((None, length), lambda b, h, i: (b, 0)))
-    operands.append(mask)
-    if backward is not None:
-        in_specs += [rows, rows]
-        operands += backward[1:]
-    if bias is not None:
-        in_specs.append(pl.BlockSpec((None, block, length), lambda b, h, i: (h, i, 0)))
-        operands.append(bias)
-    in_specs.append(pl.BlockSpec((4,), lambda b, h, i: (0,)))
-    operands.append(seed)
-    return pl.pallas_call(
-        functools.partial(
-            kernel,
-            scale=1.0 / math.sqrt(head_dim),
-            rate=rate,
-            heads=heads,
-            length=length,
-            block=block,
-            has_bias=bias is not None,
-        ),
-        grid=(batch, heads, length // block),
-        in_specs=in_specs,
-        out_specs=[rows if per_row else query for _, per_row in outputs],
-        out_shape=[
-            jax.ShapeDtypeStruct((batch, heads, length) if per_row else q.shape, dtype)
-            for dtype, per_row in outputs
-        ],
-        compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages),
-        interpret=interpret,
-        name=name,
-    )(*operands)
-
-
-def _forward(q, k, v, mask, bias, seed, rate, interpret, tiling):
-    """The output and each query row's log-sum-exp."""
-    return _over_query_blocks(
-        _forward_kernel,
-        "attention_forward",
-        (q, k, v, mask, bias, seed),
-        rate,
-        interpret,
-        block=min(tiling.forward_block, q.shape[1]),
-        warps=tiling.forward_warps,
-        stages=tiling.forward_stages,
-        outputs=[(q.dtype, False), (jnp.float32, True)],
-    )
-
-
-def _backward_kernel(
-    *refs, scale, rate, heads, length, block, per_program, has_bias, query_gradient
-):
-    """One key block of one head over a share of the batch: the key and value
-    gradients, the bias gradient's partial sum over the share and, when the key
-    block is the whole sequence and `query_gradient`, the query gradient."""
+def _backward_kernel(*refs, scale, rate, heads, length, block, per_program, has_bias):
     q_ref, k_ref, v_ref, do_ref, mask_ref, lse_ref, delta_ref, *rest = refs
     bias_ref = rest.pop(0) if has_bias else None
-    seed_ref, *rest = rest
-    dq_ref = rest.pop(0) if query_gradient else None
-    dk_ref, dv_ref, *rest = rest
+    seed_ref, dq_ref, dk_ref, dv_ref, *rest = rest
     dbias_ref = rest[0] if has_bias else None
-    h, c, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    keys = k_ref.shape[1]
+    h, c = pl.program_id(0), pl.program_id(1)
     if has_bias:
         dbias_ref[...] = jnp.zeros(dbias_ref.shape, jnp.float32)
 
-    def sequence(i, carry):
-        b = c * per_program + i
-        k, v = k_ref[i], v_ref[i]
-        key_mask = mask_ref[i] != 0
-
-        def query_block(n, grads):
-            dk, dv = grads
-            row0 = n * block if isinstance(n, int) else pl.multiple_of(n * block, block)
+    def sequence(j, carry):
+        b = c * per_program + j
+        k, v = k_ref[j], v_ref[j]
+        key_mask = mask_ref[j] != 0
+        dk = jnp.zeros(k.shape, jnp.float32)
+        dv = jnp.zeros(v.shape, jnp.float32)
+        for row0 in range(0, length, block):  # static: a few query blocks
             rows = pl.ds(row0, block)
-            q, do = q_ref[i, rows, :], do_ref[i, rows, :]
+            q, do = q_ref[j, rows, :], do_ref[j, rows, :]
             bias = bias_ref[rows, :] if has_bias else None
-            p = jnp.exp(_logits(q, k, key_mask, bias, scale) - lse_ref[i, rows][:, None])
+            p = jnp.exp(_logits(q, k, key_mask, bias, scale) - lse_ref[j, rows][:, None])
             dp = _dot(do, v, trans_b=True)
             if rate:
-                keep = _keep(seed_ref, b, h, row0, block, length, heads, rate, j * keys, keys)
+                keep = _keep(seed_ref, b, h, row0, block, length, rate)
                 dropped = jnp.where(keep, p * (1.0 / (1.0 - rate)), 0.0)
                 dp = jnp.where(keep, dp * (1.0 / (1.0 - rate)), 0.0)
             else:
                 dropped = p
             dv += _dot(dropped.astype(do.dtype), do, trans_a=True)
-            ds = p * (dp - delta_ref[i, rows][:, None])
-            if query_gradient:
-                dq_ref[i, rows, :] = (_dot(ds.astype(k.dtype), k) * scale).astype(dq_ref.dtype)
+            ds = p * (dp - delta_ref[j, rows][:, None])
+            dq_ref[j, rows, :] = (_dot(ds.astype(k.dtype), k) * scale).astype(dq_ref.dtype)
             dk += _dot(ds.astype(q.dtype), q, trans_a=True)
             if has_bias:
                 dbias_ref[rows, :] += ds
-            return dk, dv
-
-        grads = (jnp.zeros(k.shape, jnp.float32),) * 2
-        if query_gradient:  # unrolled, as measured on the H100
-            for n in range(length // block):
-                grads = query_block(n, grads)
-        else:
-            # A loop: Triton keeps one query block's tiles live at a time (ptxas,
-            # sm_90, 64-key blocks, 8 warps: 128 registers, 250 unrolled).
-            grads = jax.lax.fori_loop(0, length // block, query_block, grads)
-        dk, dv = grads
-        dk_ref[i] = (dk * scale).astype(dk_ref.dtype)
-        dv_ref[i] = dv.astype(dv_ref.dtype)
+        dk_ref[j] = (dk * scale).astype(dk_ref.dtype)
+        dv_ref[j] = dv.astype(dv_ref.dtype)
         return carry
 
     jax.lax.fori_loop(0, per_program, sequence, 0)
 
 
-def _query_kernel(*refs, scale, rate, heads, length, block, has_bias):
-    """The split backward's second kernel: one query block of one sequence and
-    head against all keys, as the forward kernel; the query gradient."""
-    q_ref, k_ref, v_ref, do_ref, mask_ref, lse_ref, delta_ref, *rest = refs
-    bias_ref = rest.pop(0) if has_bias else None
-    seed_ref, dq_ref = rest
-    b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    k, v = k_ref[...], v_ref[...]
-    bias = bias_ref[...] if has_bias else None
-    p = jnp.exp(_logits(q_ref[...], k, mask_ref[...] != 0, bias, scale) - lse_ref[...][:, None])
-    dp = _dot(do_ref[...], v, trans_b=True)
-    if rate:
-        keep = _keep(seed_ref, b, h, i * block, block, length, heads, rate)
-        dp = jnp.where(keep, dp * (1.0 / (1.0 - rate)), 0.0)
-    ds = p * (dp - delta_ref[...][:, None])
-    dq_ref[...] = (_dot(ds.astype(k.dtype), k) * scale).astype(dq_ref.dtype)
+def _forward(q, k, v, mask, bias, seed, rate, interpret, tiling):
+    batch, length, heads, head_dim = q.shape
+    block = min(tiling.forward_block, length)
+    has_bias = bias is not None
+    seq = pl.BlockSpec((None, length, None, head_dim), lambda b, h, i: (b, 0, h, 0))
+    in_specs = [
+        pl.BlockSpec((None, block, None, head_dim), lambda b, h, i: (b, i, h, 0)),
+        seq,
+        seq,
+        pl.BlockSpec((None, length), lambda b, h, i: (b, 0)),
+    ]
+    operands = [q, k, v, mask]
+    if has_bias:
+        in_specs.append(pl.BlockSpec((None, block, length), lambda b, h, i: (h, i, 0)))
+        operands.append(bias)
+    in_specs.append(pl.BlockSpec((4,), lambda b, h, i: (0,)))
+    operands.append(seed)
+    kernel = functools.partial(
+        _forward_kernel,
+        scale=1.0 / math.sqrt(head_dim),
+        rate=rate,
+        heads=heads,
+        length=length,
+        block=block,
+        has_bias=has_bias,
+    )
+    return pl.pallas_call(
+        kernel,
+        grid=(batch, heads, length // block),
+        in_specs=in_specs,
+        out_specs=[
+            pl.BlockSpec((None, block, None, head_dim), lambda b, h, i: (b, i, h, 0)),
+            pl.BlockSpec((None, None, block), lambda b, h, i: (b, h, i)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct((batch, heads, length), jnp.float32),
+        ],
+        compiler_params=plgpu.CompilerParams(
+            num_warps=tiling.forward_warps, num_stages=tiling.forward_stages
+        ),
+        interpret=interpret,
+        name="attention_forward",
+    )(*operands)
 
 
 def _sequences_per_program(batch: int, programs: int) -> int:
@@ -363,42 +245,28 @@ def _sequences_per_program(batch: int, programs: int) -> int:
 
 
 def _backward(q, k, v, mask, bias, seed, out, lse, dout, rate, interpret, tiling):
+    batch, length, heads, head_dim = q.shape
+    block = min(tiling.backward_block, length)
+    per_program = _sequences_per_program(batch, tiling.backward_programs_per_head)
+    has_bias = bias is not None
     delta = jnp.einsum(
         "btnh,btnh->bnt", out.astype(jnp.float32), dout.astype(jnp.float32)
     )  # rowsum(dP * P) of the softmax gradient, as rowsum(dO * O)
-    args = (q, k, v, mask, bias, seed, lse, delta, dout, rate, interpret, tiling)
-    if tiling.backward_key_block is None:
-        return _key_value_gradients(*args, query_gradient=True)
-    dk, dv, dbias = _key_value_gradients(*args, query_gradient=False)
-    return _query_gradient(*args), dk, dv, dbias
-
-
-def _key_value_gradients(
-    q, k, v, mask, bias, seed, lse, delta, dout, rate, interpret, tiling, *, query_gradient
-):
-    """The backward kernel's gradients: (dq,) dk, dv and dbias (None without bias)."""
-    batch, length, heads, head_dim = q.shape
-    block = min(tiling.backward_block, length)
-    keys = length if query_gradient else min(tiling.backward_key_block, length)
-    per_program = _sequences_per_program(batch, tiling.backward_programs_per_head)
-    programs = batch // per_program
-    has_bias = bias is not None
-    seq = pl.BlockSpec((per_program, length, None, head_dim), lambda h, c, j: (c, 0, h, 0))
-    key_rows = pl.BlockSpec((per_program, keys, None, head_dim), lambda h, c, j: (c, j, h, 0))
-    rows = pl.BlockSpec((per_program, None, length), lambda h, c, j: (c, h, 0))
-    in_specs = [seq, key_rows, key_rows, seq]
-    in_specs += [pl.BlockSpec((per_program, keys), lambda h, c, j: (c, j)), rows, rows]
+    seq = pl.BlockSpec((per_program, length, None, head_dim), lambda h, c: (c, 0, h, 0))
+    rows = pl.BlockSpec((per_program, None, length), lambda h, c: (c, h, 0))
+    in_specs = [seq, seq, seq, seq, pl.BlockSpec((per_program, length), lambda h, c: (c, 0))]
+    in_specs += [rows, rows]
     operands = [q, k, v, dout, mask, lse, delta]
     if has_bias:
-        in_specs.append(pl.BlockSpec((None, length, keys), lambda h, c, j: (h, 0, j)))
+        in_specs.append(pl.BlockSpec((None, length, length), lambda h, c: (h, 0, 0)))
         operands.append(bias)
-    in_specs.append(pl.BlockSpec((4,), lambda h, c, j: (0,)))
+    in_specs.append(pl.BlockSpec((4,), lambda h, c: (0,)))
     operands.append(seed)
-    outputs = (q, k, v) if query_gradient else (k, v)
-    out_specs = [seq, key_rows, key_rows] if query_gradient else [key_rows, key_rows]
-    out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in outputs]
+    out_specs = [seq, seq, seq]
+    out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)]
+    programs = batch // per_program
     if has_bias:
-        out_specs.append(pl.BlockSpec((None, None, length, keys), lambda h, c, j: (c, h, 0, j)))
+        out_specs.append(pl.BlockSpec((None, None, length, length), lambda h, c: (c, h, 0, 0)))
         out_shape.append(jax.ShapeDtypeStruct((programs, heads, length, length), jnp.float32))
     kernel = functools.partial(
         _backward_kernel,
@@ -409,11 +277,10 @@ def _key_value_gradients(
         block=block,
         per_program=per_program,
         has_bias=has_bias,
-        query_gradient=query_gradient,
     )
     grads = pl.pallas_call(
         kernel,
-        grid=(heads, programs, length // keys),
+        grid=(heads, programs),
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
@@ -421,27 +288,11 @@ def _key_value_gradients(
             num_warps=tiling.backward_warps, num_stages=tiling.backward_stages
         ),
         interpret=interpret,
-        name="attention_backward" if query_gradient else "attention_backward_key_value",
+        name="attention_backward",
     )(*operands)
-    dbias = grads[len(outputs)].sum(axis=0) if has_bias else None
-    return (*grads[: len(outputs)], dbias)
-
-
-def _query_gradient(q, k, v, mask, bias, seed, lse, delta, dout, rate, interpret, tiling):
-    """The split backward's query gradient (the second kernel)."""
-    (dq,) = _over_query_blocks(
-        _query_kernel,
-        "attention_backward_query",
-        (q, k, v, mask, bias, seed),
-        rate,
-        interpret,
-        block=min(tiling.query_gradient_block, q.shape[1]),
-        warps=tiling.query_gradient_warps,
-        stages=1,
-        outputs=[(q.dtype, False)],
-        backward=(dout, lse, delta),
-    )
-    return dq
+    dq, dk, dv = grads[:3]
+    dbias = grads[3].sum(axis=0) if has_bias else None
+    return dq, dk, dv, dbias
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
