@@ -68,8 +68,8 @@ import numpy as np
 from bench import _timing
 from configs import default
 from embeddings import flops
-from embeddings.dual_encoder import DualEncoder
 from embeddings.models import SentenceEncoder, load_pretrained, load_tokenizer
+from embeddings.models.dual_encoder import DualEncoder
 from embeddings.models.kernels import attention_fn
 from embeddings.models.packing import batch_token_index
 from embeddings.optim import make_optimizer

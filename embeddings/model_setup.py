@@ -21,7 +21,6 @@ import numpy as np
 import transformers
 from etils import epath
 
-from embeddings.dual_encoder import DualEncoder
 from embeddings.models import (
     EncoderConfig,
     SentenceEncoder,
@@ -29,6 +28,7 @@ from embeddings.models import (
     load_pretrained,
     load_tokenizer,
 )
+from embeddings.models.dual_encoder import DualEncoder
 from embeddings.models.kernels import attention_fn
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

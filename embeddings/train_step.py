@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from embeddings import losses
-from embeddings.dual_encoder import DualEncoder
+from embeddings.models.dual_encoder import DualEncoder
 from embeddings.sharding import DATA_AXES, batch_sharding, replicated
 
 LOSS_KINDS = ("mnrl", "margin_mse")

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from embeddings.models.attention import attend
-from embeddings.models.config import EncoderConfig
+from embeddings.models.encoder_config import EncoderConfig
 from embeddings.models.packing import batch_token_index
 from embeddings.models.sentence_encoder import SentenceEncoder, SentenceSpec
 

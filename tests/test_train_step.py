@@ -17,7 +17,6 @@ from sentence_transformers import SentenceTransformer, losses, models, util
 from transformers import get_linear_schedule_with_warmup
 
 from configs import default
-from embeddings.dual_encoder import DualEncoder
 from embeddings.models import (
     SentenceEncoder,
     SentenceSpec,
@@ -26,6 +25,7 @@ from embeddings.models import (
     load_tokenizer,
 )
 from embeddings.models.attention import attend
+from embeddings.models.dual_encoder import DualEncoder
 from embeddings.models.kernels import attention_fn
 from embeddings.models.packing import batch_token_index
 from embeddings.optim import make_optimizer

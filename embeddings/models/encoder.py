@@ -14,8 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from embeddings.models.attention import Attention, attend
-from embeddings.models.config import EncoderConfig
 from embeddings.models.dropout import padded_tokens
+from embeddings.models.encoder_config import EncoderConfig
 from embeddings.models.layers import (
     Embeddings,
     RelativePositionBias,

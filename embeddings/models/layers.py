@@ -19,8 +19,8 @@ import numpy as np
 from flax import nnx
 
 from embeddings.models.attention import Attention, attend
-from embeddings.models.config import MPNET_POSITION_BUCKETS, EncoderConfig
 from embeddings.models.dropout import Dropout
+from embeddings.models.encoder_config import MPNET_POSITION_BUCKETS, EncoderConfig
 
 # The relative distance past which MPNet's log-spaced buckets stop growing.
 _MPNET_MAX_DISTANCE = 128

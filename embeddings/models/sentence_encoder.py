@@ -16,8 +16,8 @@ import numpy as np
 from flax import nnx
 
 from embeddings.models.attention import Attention, attend
-from embeddings.models.config import EncoderConfig
 from embeddings.models.encoder import Encoder
+from embeddings.models.encoder_config import EncoderConfig
 from embeddings.models.pooling import POOLING_MODES, l2_normalize, pool
 from embeddings.models.pretrained import SentenceSpec
 
