@@ -17,6 +17,7 @@ from sentence_transformers import SentenceTransformer, losses, models, util
 from transformers import get_linear_schedule_with_warmup
 
 from configs import default
+from embeddings.host_batch import batch_token_index, global_batch
 from embeddings.models import (
     SentenceEncoder,
     SentenceSpec,
@@ -27,9 +28,8 @@ from embeddings.models import (
 from embeddings.models.attention import attend
 from embeddings.models.dual_encoder import DualEncoder
 from embeddings.models.kernels import attention_fn
-from embeddings.models.packing import batch_token_index
 from embeddings.optim import make_optimizer
-from embeddings.sharding import global_batch, make_mesh, replicated, tree_shardings
+from embeddings.sharding import make_mesh, replicated, tree_shardings
 from embeddings.train_step import init_state, loss_and_grads, train_step
 from tests.hf_tiny import make_tiny_hf_model
 

@@ -1,8 +1,8 @@
 """Attention alone: XLA's attention vs the fused Pallas kernels, forward and forward + backward.
 
-    python bench/attention.py [--batch_size 512] [--length 128] [--heads 12] \
+    python tools/attention.py [--batch_size 512] [--length 128] [--heads 12] \
         [--head_dim 64] [--dtype bfloat16] [--rate 0.1] [--no_bias] [--steps 20] [--json]
-    python bench/attention.py --sweep [--sweep_max N] ...   # the kernels' tilings
+    python tools/attention.py --sweep [--sweep_max N] ...   # the kernels' tilings
 
 Times `kernels.attention_fn(kernel, ...)` on random [batch, length, heads, head_dim] inputs with a
 random key-padding mask, MPNet's [heads, length, length] bias (unless
