@@ -21,7 +21,7 @@ def main(process_id: int, port: int, out: str) -> None:
     jax.distributed.initialize(
         coordinator_address=f"localhost:{port}", num_processes=2, process_id=process_id
     )
-    from embeddings.models.packing import batch_token_index, group_real_counts
+    from embeddings.host_batch import batch_token_index, group_real_counts
     from embeddings.sharding import make_mesh
     from tests.test_train_step import _random_setup, _sharded_loss_and_grads
 
