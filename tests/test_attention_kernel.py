@@ -220,6 +220,16 @@ def test_sharded_kernels_equal_one_device():
     assert "all-gather" not in step.lower(*placed, bias, mask, weights).compile().as_text()
 
 
+def test_a_batch_the_mesh_cannot_split_runs_whole():
+    """Built for an 8-device mesh, the kernels still take a 3-row batch (as
+    `encode` passes at evaluation): on the whole batch, with XLA's result."""
+    q, k, v, mask, bias, _ = _inputs(3, 16, 2, 16)
+    on_mesh = attention_fn("pallas", "cpu", make_mesh(data=8))
+    np.testing.assert_allclose(
+        on_mesh(q, k, v, mask, bias), XLA(q, k, v, mask, bias), rtol=1e-5, atol=1e-6
+    )
+
+
 def test_encoder_with_kernels_equals_xla_in_training():
     """A whole MPNet encoder (relative-position bias, packed dense layers) in training
     mode: the same hidden states and parameter gradients with either kernel."""

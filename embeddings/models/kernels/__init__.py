@@ -80,7 +80,9 @@ class FusedAttention:
 
         replicated = (seed,) + (() if bias is None else (bias.reshape(bias.shape[-3:]),))
         mesh = self.mesh
-        if mesh is None or mesh.size == 1:
+        if mesh is None or mesh.size == 1 or q.shape[0] % mesh.size:
+            # One device, or a batch the mesh cannot split (e.g. `encode`'s rows
+            # at evaluation): the kernels run on the whole batch.
             return local(q, k, v, mask, *replicated)
         axes = mesh.axis_names
 
