@@ -24,8 +24,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_pair(command_for, timeout=600):
-    """Starts processes 0 and 1; returns their (returncode, output)."""
+def _run_pair(command_for, timeout=1500):
+    """Starts processes 0 and 1; returns their (returncode, output). Both are
+    killed if either outlives `timeout` seconds (a loaded CI machine compiles
+    the 8-device programs slowly)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
     env.pop("XLA_FLAGS", None)
     procs = [
@@ -39,7 +41,11 @@ def _run_pair(command_for, timeout=600):
         )
         for i in range(2)
     ]
-    outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    try:
+        outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
     return [(p.returncode, out) for p, out in zip(procs, outputs, strict=True)]
 
 
