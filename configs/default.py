@@ -29,7 +29,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval_at_start = True  # evaluate the starting model before the first step
     config.checkpoint_every = 5_000  # steps between checkpoints (the last step always saves)
     config.keep_checkpoints = 3  # newest checkpoints kept in WORKDIR/checkpoints
-    config.best_metric = ""  # e.g. "eval/retrieval/mrr@10": also keep the best step in WORKDIR/best
+    # e.g. "eval/retrieval/mrr@10" or "eval/mean": also keep the best step in WORKDIR/best
+    config.best_metric = ""
     config.best_mode = "max"  # "max" or "min": which direction of best_metric is better
     config.resume_from = ""  # checkpoint step folder to start from when WORKDIR has none
 
@@ -140,9 +141,23 @@ def get_config() -> ml_collections.ConfigDict:
         dict(
             sts_file="data/stsbenchmark.tsv.gz",  # STS benchmark; "" disables
             sts_split="dev",  # "train" | "dev" | "test"
-            retrieval_file="data/debian_retrieval_dev.jsonl.gz",  # query/document set; "" disables
+            # Retrieval set (Debian JSONL or a BEIR folder such as
+            # data/debian_retrieval_dev); "" disables.
+            retrieval_file="data/debian_retrieval_dev.jsonl.gz",
             max_queries=0,  # retrieval queries used (0 = all); the corpus is always whole
-            batch_size=128,  # texts per encoding batch
+            # Texts per encoding batch, split over all devices (rows rounded up to a
+            # multiple of the device count).
+            batch_size=128,
+            # More tasks, each logged as eval/<name>/<metric> (after sts_file's and
+            # retrieval_file's): dicts with name, kind ("sts" | "retrieval" |
+            # "reranking" | "pair_classification"), data (file, BEIR folder, Hub
+            # id or "NanoBEIR"), optional split and max_queries. See
+            # embeddings/evaluation/tasks.py and data/README.md, e.g.
+            # (dict(name="graded", kind="retrieval", data="data/debian_graded"),)
+            tasks=(),
+            # "<task name>/<metric>" keys averaged into eval/mean (a best_metric that
+            # weighs several tasks), e.g. ("sts/spearman_cosine", "retrieval/ndcg@10").
+            mean_of=(),
         )
     )
     return config

@@ -10,6 +10,7 @@ import math
 import ml_collections
 
 from embeddings.data.pipeline import batch_split_problem
+from embeddings.evaluation.tasks import TaskError, validate_eval
 from embeddings.losses import SIMILARITIES
 from embeddings.models import POOLING_MODES, SUPPORTED_MODEL_TYPES
 from embeddings.models.kernels import ATTENTION_KERNELS
@@ -139,13 +140,7 @@ def validate(
             f"config.grad_cache_chunk={chunk} must divide config.batch_size={config.batch_size}."
         )
 
-    if config.best_metric and not (config.eval.sts_file or config.eval.retrieval_file):
-        raise ConfigError(
-            f"config.best_metric={config.best_metric!r} needs an evaluator, but "
-            "config.eval.sts_file and config.eval.retrieval_file are both empty."
-        )
-    if config.best_metric and not config.best_metric.startswith("eval/"):
-        raise ConfigError(
-            f"config.best_metric={config.best_metric!r} must name an evaluation metric, "
-            "e.g. 'eval/retrieval/mrr@10' or 'eval/sts/spearman_cosine'."
-        )
+    try:
+        validate_eval(config)
+    except TaskError as error:
+        raise ConfigError(str(error)) from None

@@ -21,7 +21,7 @@ from embeddings import flops, host_batch
 from embeddings.checkpointing import Checkpointer, StateMismatchError, restore_from_path
 from embeddings.config_validation import validate
 from embeddings.data import build_pipeline
-from embeddings.evaluation import build_evaluators
+from embeddings.evaluation import build_evaluators, run_evaluators
 from embeddings.metrics_writer import MetricWriter
 from embeddings.model_setup import build_model
 from embeddings.sharding import make_mesh
@@ -109,27 +109,24 @@ class _StopSignal:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def make_encode_fn(model, params, tokenizer, config: ml_collections.ConfigDict):
+def make_encode_fn(model, params, tokenizer, config: ml_collections.ConfigDict, mesh=None):
     """(texts, role) -> embeddings with the current parameters, for the evaluators.
 
     Texts are truncated at the model's own inference length (what the exported
     model will use), not the training lengths, so numbers match the export's.
+    With a mesh, each batch's rows are split over all its devices.
     """
 
     def encode(texts, role):
         return model.encoder.encode(
-            params[model.tower(role)], tokenizer, list(texts), batch_size=config.eval.batch_size
+            params[model.tower(role)],
+            tokenizer,
+            list(texts),
+            batch_size=config.eval.batch_size,
+            mesh=mesh,
         )
 
     return encode
-
-
-def evaluate(evaluators, encode) -> dict[str, float]:
-    results = {}
-    for evaluator in evaluators:
-        for metric, value in evaluator(encode).items():
-            results[f"eval/{evaluator.name}/{metric}"] = float(value)
-    return results
 
 
 def _open_checkpointer(config: ml_collections.ConfigDict, workdir: epath.Path) -> Checkpointer:
@@ -238,8 +235,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     def run_eval(step: int) -> dict:
         if not evaluators:
             return {}
-        encode = make_encode_fn(model, state.params, setup.tokenizer, config)
-        results = evaluate(evaluators, encode)
+        encode = make_encode_fn(model, state.params, setup.tokenizer, config, mesh)
+        results = run_evaluators(evaluators, encode, config.eval.mean_of)
         writer.write(step, results)
         return results
 

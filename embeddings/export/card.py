@@ -7,6 +7,8 @@ evaluation results and a citation block.
 
 from etils import epath
 
+from embeddings.evaluation.model_index import model_index_yaml
+
 CITATION = """@inproceedings{reimers-2019-sentence-bert,
     title = "Sentence-BERT: Sentence Embeddings using Siamese BERT-Networks",
     author = "Reimers, Nils and Gurevych, Iryna",
@@ -44,7 +46,7 @@ def _dataset_name(name: str) -> str:
     return name
 
 
-def _front_matter(data_config) -> str:
+def _front_matter(data_config, results: list[str] = ()) -> str:
     lines = [
         "---",
         "pipeline_tag: sentence-similarity",
@@ -60,6 +62,7 @@ def _front_matter(data_config) -> str:
     if data_config:
         lines.append("datasets:")
         lines += [f"- {_dataset_name(entry['name'])}" for entry in data_config]
+    lines += results  # model-index: the evaluation results as Hub metadata
     lines.append("---")
     return "\n".join(lines)
 
@@ -196,7 +199,9 @@ def write_model_card(path, files, run, model_name: str) -> None:
     text = "\n\n".join(
         part
         for part in (
-            _front_matter(run.data_config),
+            _front_matter(
+                run.data_config, model_index_yaml(model_name, run.evaluation, run.config)
+            ),
             f"# {model_name}",
             f"This is a [sentence-transformers](https://www.SBERT.net) model: it maps sentences "
             f"and paragraphs to a {dims}-dimensional dense vector space for semantic search, "
