@@ -73,21 +73,11 @@ def get_config() -> ml_collections.ConfigDict:
             normalize=config_dict.placeholder(bool),
             dtype="float32",  # compute dtype: "float32" or "bfloat16" (parameters stay float32)
             remat=False,  # recompute each layer's activations in the backward pass
-            # Attention: "auto" = fused Pallas kernels (models/attention_kernel.py) on
-            # GPUs where they beat XLA (head size 64, lengths <= 128), else XLA;
+            # Attention: "auto" = fused Pallas kernels (models/kernels/) on GPUs
+            # where they beat XLA (head size 64, lengths <= 128), else XLA;
             # "xla"; "pallas" wherever they fit (interpreted, slowly, off a GPU).
             # Same results and dropout masks either way.
             attention_kernel="auto",
-            # How the Pallas kernels split their work (speed only, same results):
-            # "name=value,..." of models/attention_kernel.py's Tiling, e.g.
-            # "backward_key_block=64"; "" = its defaults (the fastest measured on
-            # an H100). `python bench/attention.py --sweep` times tilings on a GPU.
-            attention_tiling="",
-            # Each sublayer's residual add, hidden dropout and LayerNorm: "xla" =
-            # separate XLA passes; "pallas" = one fused kernel each way
-            # (models/norm_kernel.py; interpreted, slowly, off a GPU). Same results
-            # and dropout masks either way; not yet timed on a GPU, so not the default.
-            norm_kernel="xla",
             # Run embeddings, projections, feed-forward and LayerNorms on real tokens
             # only (attention stays padded; same result, ~1/(1 - padding share)
             # less work there). N > 0 rounds each column's packed size up to one of

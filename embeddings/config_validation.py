@@ -13,8 +13,7 @@ from embeddings.data.pipeline import batch_split_problem
 from embeddings.evaluation.tasks import TaskError, validate_eval
 from embeddings.losses import SIMILARITIES
 from embeddings.models import POOLING_MODES, SUPPORTED_MODEL_TYPES
-from embeddings.models.attention_kernel import parse_tiling
-from embeddings.models.layers import ATTENTION_KERNELS, NORM_KERNELS
+from embeddings.models.kernels import ATTENTION_KERNELS
 from embeddings.optim import SCHEDULES
 from embeddings.train_step import LOSS_KINDS, SYMMETRIC_CHOICES
 
@@ -92,11 +91,6 @@ def validate(
     _choice("model.dtype", m.dtype, ("float32", "bfloat16"))
     _positive("model.pack_levels", m.pack_levels, allow_zero=True)
     _choice("model.attention_kernel", m.attention_kernel, ATTENTION_KERNELS)
-    _choice("model.norm_kernel", m.norm_kernel, NORM_KERNELS)
-    try:
-        parse_tiling(m.attention_tiling)
-    except ValueError as error:
-        raise ConfigError(f"config.model.attention_tiling: {error}") from None
     if m.pooling is not None:
         _choice("model.pooling", m.pooling, POOLING_MODES)
     if not m.init:

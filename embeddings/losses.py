@@ -17,10 +17,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-SIMILARITIES = ("cosine", "dot")
+from embeddings.models.pooling import l2_normalize
 
-# F.normalize's epsilon: norms below it are clamped, so an all-zero row maps to zero, not NaN.
-_NORM_EPS = 1e-12
+SIMILARITIES = ("cosine", "dot")
 
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
@@ -28,15 +27,6 @@ LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 def _check_similarity(similarity: str) -> None:
     if similarity not in SIMILARITIES:
         raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}.")
-
-
-def l2_normalize(x: jax.Array) -> jax.Array:
-    """Scales each row of `x` to unit L2 norm, as `torch.nn.functional.normalize`.
-
-    The clamp is applied to the squared norm so the gradient stays finite at a zero row.
-    """
-    squared = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
-    return x * jax.lax.rsqrt(jnp.maximum(squared, _NORM_EPS**2))
 
 
 def _prepare(x: jax.Array, similarity: str) -> jax.Array:

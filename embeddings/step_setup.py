@@ -12,7 +12,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from embeddings.dual_encoder import DualEncoder
+from embeddings.models.dual_encoder import DualEncoder
 from embeddings.optim import make_optimizer
 from embeddings.sharding import replicated, tree_shardings
 from embeddings.train_step import TrainState, init_state, make_train_step

@@ -13,7 +13,6 @@ Two ways to get gradients, equal up to float rounding:
   grows with the chunk, not the batch, for the price of one extra forward.
 """
 
-import contextlib
 import functools
 from collections.abc import Sequence
 
@@ -26,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from embeddings import losses
-from embeddings.dual_encoder import DualEncoder
+from embeddings.models.dual_encoder import DualEncoder
 from embeddings.sharding import DATA_AXES, batch_sharding, replicated
 
 LOSS_KINDS = ("mnrl", "margin_mse")
@@ -213,28 +212,18 @@ def _with_embedding_norms(metrics: dict, embs) -> dict:
 def loss_and_grads(
     params, batch, dropout_rng, *, model, loss_config, grad_cache_chunk=0, mesh=None
 ):
-    """Dispatches to the plain or the GradCache computation (same result).
-
-    The mesh is put in context so that fused kernels (custom calls, which XLA
-    cannot split) run under shard_map on each device's rows.
-    """
-    in_mesh = contextlib.nullcontext()
-    if mesh is not None:
-        in_mesh = jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
-    with in_mesh:
-        if grad_cache_chunk:
-            return grad_cache_loss_and_grads(
-                params,
-                batch,
-                dropout_rng,
-                model=model,
-                loss_config=loss_config,
-                chunk=grad_cache_chunk,
-                mesh=mesh,
-            )
-        return plain_loss_and_grads(
-            params, batch, dropout_rng, model=model, loss_config=loss_config
+    """Dispatches to the plain or the GradCache computation (same result)."""
+    if grad_cache_chunk:
+        return grad_cache_loss_and_grads(
+            params,
+            batch,
+            dropout_rng,
+            model=model,
+            loss_config=loss_config,
+            chunk=grad_cache_chunk,
+            mesh=mesh,
         )
+    return plain_loss_and_grads(params, batch, dropout_rng, model=model, loss_config=loss_config)
 
 
 def train_step(

@@ -182,7 +182,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     logging.info("Mesh: %s", dict(mesh.shape))
 
     # ---- Model ----
-    setup = build_model(config)
+    setup = build_model(config, mesh=mesh)
     model = setup.model
 
     # ---- Evaluators ----

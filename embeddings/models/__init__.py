@@ -3,8 +3,8 @@
 Families: BERT (MiniLM, bert-base), DistilBERT, MPNet, RoBERTa, XLM-RoBERTa.
 """
 
-from embeddings.models.config import SUPPORTED_MODEL_TYPES, EncoderConfig
 from embeddings.models.encoder import Encoder
+from embeddings.models.encoder_config import SUPPORTED_MODEL_TYPES, EncoderConfig
 from embeddings.models.hf_weights import hf_state_dict, params_from_hf, read_hf_state_dict
 from embeddings.models.pooling import POOLING_MODES, l2_normalize, pool
 from embeddings.models.pretrained import (

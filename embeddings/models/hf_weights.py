@@ -19,8 +19,8 @@ import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
-from embeddings.models.config import EncoderConfig
 from embeddings.models.encoder import Encoder
+from embeddings.models.encoder_config import EncoderConfig
 
 # Non-persistent buffers that older transformers versions saved; they hold no
 # learned values, so they are neither parameters nor extras.

@@ -17,9 +17,9 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from embeddings.models.attention_kernel import Tiling
-from embeddings.models.config import EncoderConfig
+from embeddings.models.attention import Attention, attend
 from embeddings.models.encoder import Encoder
+from embeddings.models.encoder_config import EncoderConfig
 from embeddings.models.pooling import POOLING_MODES, l2_normalize, pool
 from embeddings.models.pretrained import SentenceSpec
 from embeddings.sharding import batch_sharding
@@ -68,12 +68,9 @@ class SentenceEncoder:
         spec: Pooling mode, normalisation and max length.
         dtype: Compute dtype (float32 or bfloat16); parameters stay float32.
         remat: Rematerialise each layer in the backward pass.
-        attention_kernel: "auto" (the fused Pallas kernels on GPUs, XLA elsewhere),
-            "xla" or "pallas" (`layers.attend`).
-        attention_tiling: How the Pallas kernels split their work
-            (`attention_kernel.Tiling`; None: its defaults). Speed only.
-        norm_kernel: "xla" or "pallas" (the fused residual, dropout and LayerNorm
-            kernels, `layers.add_and_norm`). Speed only.
+        attention: The encoder's attention function: `attention.attend` (XLA), or
+            what `kernels.attention_fn` chose for `config.model.attention_kernel`,
+            the backend and the mesh. Speed only.
     """
 
     def __init__(
@@ -83,9 +80,7 @@ class SentenceEncoder:
         *,
         dtype=jnp.float32,
         remat: bool = False,
-        attention_kernel: str = "auto",
-        attention_tiling: Tiling | None = None,
-        norm_kernel: str = "xla",
+        attention: Attention = attend,
     ):
         if spec.pooling not in POOLING_MODES:
             raise ValueError(f"SentenceSpec.pooling={spec.pooling!r}; use one of {POOLING_MODES}.")
@@ -93,9 +88,7 @@ class SentenceEncoder:
         self.spec = spec
         self.dtype = dtype
         self.remat = remat
-        self.attention_kernel = attention_kernel
-        self.attention_tiling = attention_tiling
-        self.norm_kernel = norm_kernel
+        self.attention = attention
         # Abstract build: shapes only, no parameter memory or random numbers.
         abstract = nnx.eval_shape(lambda: self._build(nnx.Rngs(0)))
         self.graphdef, _ = nnx.split(abstract)
@@ -107,9 +100,7 @@ class SentenceEncoder:
             rngs=rngs,
             dtype=self.dtype,
             remat=self.remat,
-            attention_kernel=self.attention_kernel,
-            attention_tiling=self.attention_tiling,
-            norm_kernel=self.norm_kernel,
+            attention=self.attention,
         )
 
     def init(self, rng: jax.Array) -> dict:
