@@ -106,7 +106,11 @@ def get_config() -> ml_collections.ConfigDict:
     # ---- Loss ----
     config.loss = ml_collections.ConfigDict(
         dict(
-            kind="mnrl",  # "mnrl": in-batch negatives softmax; "margin_mse": distillation margins
+            # "mnrl": in-batch negatives softmax. Distillation from teacher labels in the rows
+            # (data/README.md, "Teacher labels"): "margin_mse" (margin or scores rows, k >= 1
+            # negatives), "distill_kl" (listwise KL to teacher scores; scores rows),
+            # "embedding_mse" (MSE to teacher embeddings; embedding rows).
+            kind="mnrl",
             similarity="cosine",  # "cosine" or "dot" (also written into the exported model)
             scale=20.0,  # logits = scale * similarity (1.0 for dot product)
             # "pairs": symmetric (a->b and b->a averaged) for pairs, one-way when the
@@ -115,6 +119,9 @@ def get_config() -> ml_collections.ConfigDict:
             mask_false_negatives=True,  # drop candidates whose text equals the anchor's positive
             matryoshka_dims=(),  # e.g. (384, 256, 128, 64): loss summed over truncated sizes
             matryoshka_weights=(),  # one weight per dim; () = all 1
+            # "distill_kl" only: softmax temperature of student and teacher scores
+            # (the loss is multiplied by its square, as sentence-transformers does).
+            temperature=1.0,
         )
     )
 

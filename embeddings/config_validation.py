@@ -7,11 +7,11 @@ model loaded.
 
 import ml_collections
 
+from embeddings.losses import LOSS_KINDS, SYMMETRIC_CHOICES
 from embeddings.models import POOLING_MODES
 from embeddings.models.attention_kernel import parse_tiling
 from embeddings.models.layers import ATTENTION_KERNELS, NORM_KERNELS
 from embeddings.optim import SCHEDULES
-from embeddings.train_step import LOSS_KINDS, SYMMETRIC_CHOICES
 
 MODEL_TYPES = ("bert", "distilbert", "mpnet", "roberta", "xlm-roberta")
 
@@ -99,8 +99,9 @@ def validate(config: ml_collections.ConfigDict, *, process_count: int = 1) -> No
             f"config.loss.matryoshka_dims has {len(loss.matryoshka_dims)}: give one weight per "
             "dim, or () for equal weights."
         )
-    if loss.kind == "margin_mse" and loss.matryoshka_dims:
+    if loss.kind != "mnrl" and loss.matryoshka_dims:
         raise ConfigError("config.loss.matryoshka_dims is only supported with loss.kind='mnrl'.")
+    _validate_recipes(config)
 
     opt = config.optimizer
     _choice("optimizer.schedule", opt.schedule, SCHEDULES)
@@ -125,4 +126,14 @@ def validate(config: ml_collections.ConfigDict, *, process_count: int = 1) -> No
         raise ConfigError(
             f"config.best_metric={config.best_metric!r} must name an evaluation metric, "
             "e.g. 'eval/retrieval/mrr@10' or 'eval/sts/spearman_cosine'."
+        )
+
+
+def _validate_recipes(config: ml_collections.ConfigDict) -> None:
+    """The distillation and guided-filtering settings of `config.loss` (issue 20)."""
+    loss = config.loss
+    if not 0 < loss.temperature < float("inf"):
+        raise ConfigError(
+            f"config.loss.temperature={loss.temperature!r} must be a positive finite number "
+            "(1.0 = the teacher's and student's scores as they are)."
         )

@@ -1,4 +1,4 @@
-"""The training step: loss on the global batch, gradients, AdamW update.
+"""The training step: gradients of the configured loss (`losses.objective`), AdamW update.
 
 Everything here is a pure function of (state, batch). `make_train_step`
 jits it over the mesh with the batch split over devices and the state donated;
@@ -15,7 +15,6 @@ Two ways to get gradients, equal up to float rounding:
 
 import contextlib
 import functools
-from collections.abc import Sequence
 
 import flax.struct
 import jax
@@ -28,9 +27,6 @@ from jax.sharding import PartitionSpec as P
 from embeddings import losses
 from embeddings.dual_encoder import DualEncoder
 from embeddings.sharding import DATA_AXES, batch_sharding, replicated
-
-LOSS_KINDS = ("mnrl", "margin_mse")
-SYMMETRIC_CHOICES = ("pairs", "always", "never")
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -61,52 +57,6 @@ def init_state(params, optimizer: optax.GradientTransformation, seed: int) -> Tr
     )
 
 
-def objective(embeddings: Sequence[jax.Array], batch: dict, loss_config: ml_collections.ConfigDict):
-    """The configured loss of one global batch, from its column embeddings.
-
-    Args:
-      embeddings: one [N, D] array per batch column (anchor, positive, negatives...).
-      batch: the batch (for `text_hash` and `margin`).
-      loss_config: `config.loss`.
-
-    Returns:
-      (loss, metrics).
-    """
-    cfg = loss_config
-    if cfg.kind == "margin_mse":
-        if len(embeddings) != 3 or "margin" not in batch:
-            raise ValueError(
-                "config.loss.kind='margin_mse' needs (query, positive, negative, margin) rows: "
-                "use datasets of kind 'margin' in the data config."
-            )
-
-        def loss_fn(embs):
-            return losses.margin_mse_loss(
-                *embs, batch["margin"], similarity=cfg.similarity, scale=cfg.scale
-            )
-    else:
-        symmetric = cfg.symmetric == "always" or (cfg.symmetric == "pairs" and len(embeddings) == 2)
-        hashes = {}
-        if cfg.mask_false_negatives:
-            hashes = dict(
-                anchor_hash=batch["text_hash"][:, 0], candidate_hash=batch["text_hash"][:, 1:]
-            )
-
-        def loss_fn(embs):
-            return losses.multiple_negatives_ranking_loss(
-                embs[0],
-                list(embs[1:]),
-                similarity=cfg.similarity,
-                scale=cfg.scale,
-                symmetric=symmetric,
-                **hashes,
-            )
-
-    if cfg.matryoshka_dims:
-        loss_fn = losses.matryoshka(loss_fn, cfg.matryoshka_dims, cfg.matryoshka_weights or None)
-    return loss_fn(list(embeddings))
-
-
 def _column_rng(rng, column: int, chunk=None):
     if rng is None:
         return None
@@ -130,7 +80,7 @@ def plain_loss_and_grads(params, batch, dropout_rng, *, model: DualEncoder, loss
                 zip(batch["input_ids"], batch["attention_mask"], token_index, strict=True)
             )
         ]
-        loss, metrics = objective(embs, batch, loss_config)
+        loss, metrics = losses.objective(embs, batch, loss_config)
         return loss, (metrics, embs)
 
     (loss, (metrics, embs)), grads = jax.value_and_grad(loss_of_params, has_aux=True)(params)
@@ -181,7 +131,7 @@ def grad_cache_loss_and_grads(
 
     # 2. Loss and its gradient with respect to the embeddings: small arrays.
     (loss, metrics), emb_grads = jax.value_and_grad(
-        lambda e: objective(e, batch, loss_config), has_aux=True
+        lambda e: losses.objective(e, batch, loss_config), has_aux=True
     )(embs)
 
     # 3. Re-run each chunk and back-propagate its slice of the embedding gradient.
