@@ -25,7 +25,12 @@ import os
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
-from embeddings.data.data_config import KIND_COLUMNS, DataConfigError, DatasetEntry
+from embeddings.data.data_config import (
+    KIND_COLUMNS,
+    LABELLED_KINDS,
+    DataConfigError,
+    DatasetEntry,
+)
 
 # Field sets recognised in dict rows when an entry gives no "fields", tried in order.
 KNOWN_FIELDS = {
@@ -42,6 +47,14 @@ KNOWN_FIELDS = {
         ("query", "pos", "neg", "margin"),
         ("anchor", "positive", "negative", "margin"),
     ),
+    "scores": (
+        ("query", "pos", "neg", "scores"),
+        ("anchor", "positive", "negative", "scores"),
+    ),
+    "embedding": (
+        ("english", "non_english", "embedding"),
+        ("anchor", "positive", "embedding"),
+    ),
 }
 # How many records a dataset's layout may take to show up before start-up fails.
 PEEK_RECORDS = 100
@@ -55,7 +68,7 @@ class BadRecord(Exception):
 class Layout:
     """What a batch of this dataset looks like: the loss kind and the number of text columns."""
 
-    kind: str  # "contrastive" (in-batch negatives) or "margin" (MarginMSE)
+    kind: str  # "contrastive" (in-batch negatives) or a labelled kind (data_config.LABELLED_KINDS)
     columns: int
 
     def __str__(self) -> str:
@@ -69,15 +82,22 @@ class RowSpec:
     Attributes:
       layout: the dataset's Layout.
       fields: None for list rows, ("texts",) for dicts with a "texts" list, else the dict
-        keys of the texts in column order (then the margin key for kind "margin").
+        keys of the texts in column order (then the label key for a labelled kind).
+      label_size: numbers in each row's teacher embedding (kind "embedding", fixed by the first
+        row); None otherwise.
     """
 
     layout: Layout
     fields: tuple[str, ...] | None
+    label_size: int | None = None
 
     @property
     def is_margin(self) -> bool:
         return self.layout.kind == "margin"
+
+    @property
+    def is_labelled(self) -> bool:
+        return self.layout.kind in LABELLED_KINDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,8 +105,9 @@ class Example:
     """One training example: column 0 is the anchor, 1 the positive, 2.. hard negatives."""
 
     texts: tuple[str, ...]
-    margin: float | None
+    margin: float | tuple[float, ...] | None  # kind "margin": one per negative (a float for one)
     line: int  # line (files) or record number (Hugging Face, TFDS), 1-based
+    label: tuple[float, ...] | None = None  # kinds "scores" and "embedding": the teacher's numbers
 
 
 class Source(abc.ABC):
@@ -297,8 +318,8 @@ def infer_row_spec(entry: DatasetEntry, source: Source) -> RowSpec:
 
 
 def _spec_from_row(entry: DatasetEntry, row: Any) -> RowSpec:
-    margin = entry.kind == "margin"
-    kind = "margin" if margin else "contrastive"
+    margin = entry.kind in LABELLED_KINDS  # the row ends in a teacher label
+    kind = entry.kind if margin else "contrastive"
     if entry.fields is not None:
         fields = entry.fields
         columns = len(fields) - margin
@@ -321,14 +342,25 @@ def _spec_from_row(entry: DatasetEntry, row: Any) -> RowSpec:
     expected = KIND_COLUMNS.get(entry.kind)
     if expected is not None and columns != expected:
         raise BadRecord(f"{columns} texts, kind {entry.kind!r} needs {expected}")
+    if margin and fields not in (None, ("texts",)):
+        # A list of negatives in a labelled row is kept whole: its label scores each of them.
+        columns = sum(len(v) if isinstance(v, list) else 1 for v in _text_values(row, fields))
     if columns < 2:
         raise BadRecord(f"{columns} text(s): a row needs an anchor and a positive at least")
-    return RowSpec(Layout(kind, columns), fields)
+    if columns < LABELLED_KINDS.get(kind, 2):
+        raise BadRecord(f"{columns} texts: a {kind} row needs at least {LABELLED_KINDS[kind]}")
+    label_size = None
+    if kind == "embedding":
+        values = (
+            row if fields is None else row["texts"] if fields == ("texts",) else [row[fields[-1]]]
+        )
+        label_size = len(values[-1]) if isinstance(values[-1], list) else None
+    return RowSpec(Layout(kind, columns), fields, label_size)
 
 
 def parse_row(row: Any, spec: RowSpec, line: int = 0) -> Example:
     """Reads the texts (and margin) of a decoded row from record `line`; raises BadRecord."""
-    margin = spec.is_margin
+    margin = spec.is_labelled
     if spec.fields is None or spec.fields == ("texts",):
         if spec.fields is not None:
             if not isinstance(row, dict) or not isinstance(row.get("texts"), list):
@@ -347,8 +379,11 @@ def parse_row(row: Any, spec: RowSpec, line: int = 0) -> Example:
         if missing:
             raise BadRecord(f"missing key(s) {missing}")
         values = [row[f] for f in spec.fields]
-        # {"query", "pos": [...], "neg": [...]} rows list several candidates: take the first.
-        values[: spec.layout.columns] = [_first(v) for v in values[: spec.layout.columns]]
+        if margin:
+            values = _expand_lists(values, spec.layout.columns)
+        else:
+            # {"query", "pos": [...], "neg": [...]} rows list several candidates: take the first.
+            values[: spec.layout.columns] = [_first(v) for v in values[: spec.layout.columns]]
     texts = tuple(values[: spec.layout.columns])
     for column, text in enumerate(texts):
         if not isinstance(text, str):
@@ -358,7 +393,11 @@ def parse_row(row: Any, spec: RowSpec, line: int = 0) -> Example:
             raise BadRecord(f"column {column} is {type(text).__name__}, not a string{hint}")
         if not text.strip():
             raise BadRecord(f"column {column} is empty")
-    return Example(texts, _margin(values[-1]) if margin else None, line)
+    if not margin:
+        return Example(texts, None, line)
+    if spec.is_margin:
+        return Example(texts, _margins(values[-1], len(texts) - 2), line)
+    return Example(texts, None, line, _label(values[-1], spec))
 
 
 def _first(value: Any) -> Any:
@@ -369,12 +408,63 @@ def _first(value: Any) -> Any:
     return value
 
 
-def _margin(value: Any) -> float:
+def _number(value: Any, what: str) -> float:
     if isinstance(value, str):  # CSV/TSV cells
         try:
             value = float(value)
         except ValueError:
-            raise BadRecord(f"margin {value!r} is not a number") from None
+            raise BadRecord(f"{what} {value!r} is not a number") from None
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise BadRecord(f"margin {value!r} is not a finite number")
+        raise BadRecord(f"{what} {value!r} is not a finite number")
     return float(value)
+
+
+def _text_values(row: dict, fields: tuple[str, ...]) -> list[Any]:
+    missing = [f for f in fields if f not in row]
+    if missing:
+        raise BadRecord(f"missing key(s) {missing}")
+    return [row[f] for f in fields[:-1]]
+
+
+def _expand_lists(values: list[Any], columns: int) -> list[Any]:
+    """Texts of a labelled dict row with list fields flattened (the label stays last)."""
+    texts = [t for v in values[:-1] for t in (v if isinstance(v, list) else [v])]
+    if len(texts) != columns:
+        raise BadRecord(f"{len(texts)} texts, the dataset's first row had {columns}")
+    return [*texts, values[-1]]
+
+
+def _numbers(value: Any, what: str) -> tuple[float, ...]:
+    values = list(value) if isinstance(value, list | tuple) else [value]
+    if not values:
+        raise BadRecord(f"the {what} label is an empty list")
+    return tuple(_number(v, what) for v in values)
+
+
+def _margins(value: Any, negatives: int) -> float | tuple[float, ...]:
+    """A margin row's label as one margin per negative (a float when there is one negative).
+
+    Accepts a number (one negative), k margins `score(pos) - score(neg_i)`, or the k + 1 teacher
+    scores of the positive and each negative (sentence-transformers' two `MarginMSELoss` layouts).
+    """
+    margins = _numbers(value, "margin")
+    if len(margins) == negatives + 1:
+        margins = tuple(margins[0] - s for s in margins[1:])
+    if len(margins) != negatives:
+        raise BadRecord(
+            f"{len(margins)} margin value(s) for {negatives} negative(s): give one margin per "
+            "negative, or the teacher scores of the positive and of each negative"
+        )
+    return margins[0] if negatives == 1 else margins
+
+
+def _label(value: Any, spec: RowSpec) -> tuple[float, ...]:
+    """The teacher scores (one per candidate) or teacher embedding of a labelled row."""
+    if not isinstance(value, list | tuple):
+        raise BadRecord(f"the {spec.layout.kind} label must be a list of numbers, got {value!r}")
+    numbers = _numbers(value, spec.layout.kind)
+    expected = spec.layout.columns - 1 if spec.layout.kind == "scores" else spec.label_size
+    if len(numbers) != expected:
+        what = "one per candidate" if spec.layout.kind == "scores" else "the first row's size"
+        raise BadRecord(f"{len(numbers)} {spec.layout.kind} numbers, expected {expected} ({what})")
+    return numbers
