@@ -106,10 +106,12 @@ def get_config() -> ml_collections.ConfigDict:
     # ---- Loss ----
     config.loss = ml_collections.ConfigDict(
         dict(
-            # "mnrl": in-batch negatives softmax. Distillation from teacher labels in the rows
-            # (data/README.md, "Teacher labels"): "margin_mse" (margin or scores rows, k >= 1
-            # negatives), "distill_kl" (listwise KL to teacher scores; scores rows),
-            # "embedding_mse" (MSE to teacher embeddings; embedding rows).
+            # "mnrl": in-batch negatives softmax. "gist": the same with guided false-negative
+            # filtering (sentence-transformers' GISTEmbedLoss; needs guide.init).
+            # Distillation from teacher labels in the rows (data/README.md, "Teacher
+            # labels"): "margin_mse" (margin or scores rows, k >= 1 negatives), "distill_kl"
+            # (listwise KL to teacher scores; scores rows), "embedding_mse" (MSE to teacher
+            # embeddings; embedding rows).
             kind="mnrl",
             similarity="cosine",  # "cosine" or "dot" (also written into the exported model)
             scale=20.0,  # logits = scale * similarity (1.0 for dot product)
@@ -122,6 +124,22 @@ def get_config() -> ml_collections.ConfigDict:
             # "distill_kl" only: softmax temperature of student and teacher scores
             # (the loss is multiplied by its square, as sentence-transformers does).
             temperature=1.0,
+            # kind "gist" only: a frozen guide model scores the same global batch in every
+            # step; in-batch candidates it scores above the anchor's positive are masked.
+            # Use scale=100 (GIST's temperature 0.01) and cosine to match sentence-transformers.
+            guide=ml_collections.ConfigDict(
+                dict(
+                    # Local folder or Hub id of any supported encoder with the model's
+                    # tokenizer (loaded like model.init); never trained, not checkpointed.
+                    init="",
+                    # "absolute": mask when guide(a, c) > guide(a, pos) - margin;
+                    # "relative": when guide(a, c) > guide(a, pos) * (1 - margin) (pos > 0).
+                    margin_strategy="absolute",
+                    margin=0.0,  # 0 = mask whatever the guide scores above the positive
+                    contrast_anchors=True,  # also contrast each anchor with the other anchors
+                    contrast_positives=True,  # and each positive with the other positives
+                )
+            ),
         )
     )
 

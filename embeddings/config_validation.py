@@ -7,7 +7,7 @@ model loaded.
 
 import ml_collections
 
-from embeddings.losses import LOSS_KINDS, SYMMETRIC_CHOICES
+from embeddings.losses import LOSS_KINDS, MARGIN_STRATEGIES, SYMMETRIC_CHOICES
 from embeddings.models import POOLING_MODES
 from embeddings.models.attention_kernel import parse_tiling
 from embeddings.models.layers import ATTENTION_KERNELS, NORM_KERNELS
@@ -137,3 +137,14 @@ def _validate_recipes(config: ml_collections.ConfigDict) -> None:
             f"config.loss.temperature={loss.temperature!r} must be a positive finite number "
             "(1.0 = the teacher's and student's scores as they are)."
         )
+    guide = loss.guide
+    if (loss.kind == "gist") != bool(guide.init):
+        raise ConfigError(
+            "config.loss.kind='gist' needs config.loss.guide.init (a guide model folder or Hub id)."
+            if loss.kind == "gist"
+            else f"config.loss.guide.init={guide.init!r} is set but config.loss.kind="
+            f"{loss.kind!r}: the guide is used only by --config.loss.kind=gist."
+        )
+    _choice("loss.guide.margin_strategy", guide.margin_strategy, MARGIN_STRATEGIES)
+    if guide.margin < 0:
+        raise ConfigError(f"config.loss.guide.margin={guide.margin!r} must be >= 0.")

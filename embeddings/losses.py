@@ -23,7 +23,8 @@ import ml_collections
 
 SIMILARITIES = ("cosine", "dot")
 # config.loss.kind and config.loss.symmetric values (`objective`).
-LOSS_KINDS = ("mnrl", "margin_mse", "distill_kl", "embedding_mse")
+LOSS_KINDS = ("mnrl", "gist", "margin_mse", "distill_kl", "embedding_mse")
+MARGIN_STRATEGIES = ("absolute", "relative")
 SYMMETRIC_CHOICES = ("pairs", "always", "never")
 
 # F.normalize's epsilon: norms below it are clamped, so an all-zero row maps to zero, not NaN.
@@ -210,6 +211,99 @@ def multiple_negatives_ranking_loss(
 
     accuracy = jnp.mean((jnp.argmax(forward_logits, axis=1) == jnp.arange(n)).astype(jnp.float32))
     return jnp.mean(per_anchor), {"accuracy": accuracy}
+
+
+def _guided_keep(
+    guide_scores: jax.Array, threshold: jax.Array, margin_strategy: str, margin: float
+):
+    """False where the guide scores a candidate above the positive's threshold (GIST)."""
+    if margin_strategy == "absolute":
+        limit = threshold - margin
+    else:
+        limit = threshold - jnp.abs(threshold) * margin
+    return ~(guide_scores > limit[:, None])
+
+
+def gist_loss(
+    anchors: jax.Array,
+    candidates: Sequence[jax.Array],
+    guide_anchors: jax.Array,
+    guide_candidates: Sequence[jax.Array],
+    *,
+    similarity: str = "cosine",
+    scale: float = 100.0,
+    margin_strategy: str = "absolute",
+    margin: float = 0.0,
+    contrast_anchors: bool = True,
+    contrast_positives: bool = True,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """In-batch negatives with guided false-negative filtering, as ST's `GISTEmbedLoss`.
+
+    A frozen guide model embeds the same texts; any in-batch candidate that the guide scores
+    above the anchor's own positive (cosine, less `margin`, or less `|positive| * margin` with
+    `margin_strategy="relative"`) is left out of that anchor's softmax, so near-duplicates and
+    unlabelled positives are not pushed away. The candidates of anchor i are every positive,
+    every anchor (`contrast_anchors`), positive i against every positive (`contrast_positives`)
+    and every hard negative; its label is its own positive. With one negative column or none this
+    is sentence-transformers' loss exactly; more negative columns each add their block.
+
+    Args:
+      anchors: [N, D] student anchor embeddings.
+      candidates: K >= 1 arrays [N, D]: the positives, then hard-negative columns.
+      guide_anchors: [N, E] guide embeddings of the anchors (no gradient flows into them).
+      guide_candidates: K arrays [N, E], the guide's embeddings of the candidates.
+      similarity: student similarity, "cosine" (ST) or "dot".
+      scale: student logit multiplier (ST's 1 / temperature: 100 for its default 0.01).
+      margin_strategy: "absolute" or "relative".
+      margin: how far below the positive's guide score a candidate is already masked.
+      contrast_anchors: add the anchor-anchor block.
+      contrast_positives: add the positive-positive block.
+
+    Returns:
+      (loss, {"accuracy": share of anchors ranking their positive first,
+              "masked": share of candidate logits the guide masked}).
+    """
+    columns = _as_columns(candidates, "candidates")
+    guide_columns = _as_columns(guide_candidates, "guide_candidates")
+    anchors = jnp.asarray(anchors)
+    _check_same_shape(anchors, columns, "candidates")
+    guide_anchors = jax.lax.stop_gradient(jnp.asarray(guide_anchors))
+    guide_columns = [jax.lax.stop_gradient(jnp.asarray(g)) for g in guide_columns]
+    _check_same_shape(guide_anchors, guide_columns, "guide_candidates")
+    if len(guide_columns) != len(columns) or guide_anchors.shape[0] != anchors.shape[0]:
+        raise ValueError(
+            f"the guide embeddings ({1 + len(guide_columns)} columns of {guide_anchors.shape[0]} "
+            f"rows) must cover the same texts as the student's ({1 + len(columns)} columns of "
+            f"{anchors.shape[0]} rows)."
+        )
+    if margin_strategy not in MARGIN_STRATEGIES:
+        raise ValueError(
+            f"margin_strategy must be one of {MARGIN_STRATEGIES}, got {margin_strategy!r}."
+        )
+    n = anchors.shape[0]
+    student = lambda a, b: similarity_scores(a, b, similarity=similarity, scale=scale)
+    guide = lambda a, b: similarity_scores(a, b, similarity="cosine", scale=1.0)
+
+    positives, guide_positives = columns[0], guide_columns[0]
+    guide_pair = guide(guide_anchors, guide_positives)
+    threshold = jnp.diagonal(guide_pair)
+    keep = lambda scores: _guided_keep(scores, threshold, margin_strategy, margin)
+
+    blocks = [(student(anchors, positives), keep(guide_pair) | jnp.eye(n, dtype=bool))]
+    if contrast_anchors:
+        blocks.append((student(anchors, anchors), keep(guide(guide_anchors, guide_anchors))))
+    if contrast_positives:
+        blocks.append(
+            (student(positives, positives), keep(guide(guide_positives, guide_positives)))
+        )
+    for negatives, guide_negatives in zip(columns[1:], guide_columns[1:], strict=True):
+        blocks.append((student(anchors, negatives), keep(guide(guide_anchors, guide_negatives))))
+
+    logits = jnp.concatenate([_masked(scores, kept) for scores, kept in blocks], axis=1)
+    per_anchor = _cross_entropy_diagonal(logits)
+    accuracy = jnp.mean((jnp.argmax(logits, axis=1) == jnp.arange(n)).astype(jnp.float32))
+    masked = 1.0 - jnp.mean(jnp.concatenate([kept for _, kept in blocks], axis=1))
+    return jnp.mean(per_anchor), {"accuracy": accuracy, "masked": masked}
 
 
 def _margin_labels(margin: jax.Array, n: int, k: int) -> jax.Array:
@@ -481,6 +575,27 @@ def objective(embeddings: Sequence[jax.Array], batch: dict, loss_config: ml_coll
                 similarity=cfg.similarity,
                 scale=cfg.scale,
                 temperature=cfg.temperature,
+            )
+    elif cfg.kind == "gist":
+        if "guide_embeddings" not in batch:
+            raise ValueError(
+                "config.loss.kind='gist' needs the guide model's embeddings of the batch: set "
+                "config.loss.guide.init (the train step computes them)."
+            )
+        guide = batch["guide_embeddings"]
+
+        def loss_fn(embs):
+            return gist_loss(
+                embs[0],
+                list(embs[1:]),
+                guide[0],
+                list(guide[1:]),
+                similarity=cfg.similarity,
+                scale=cfg.scale,
+                margin_strategy=cfg.guide.margin_strategy,
+                margin=cfg.guide.margin,
+                contrast_anchors=cfg.guide.contrast_anchors,
+                contrast_positives=cfg.guide.contrast_positives,
             )
     elif cfg.kind == "embedding_mse":
         teacher = _teacher_label(batch, "teacher_embedding", cfg.kind, "'embedding'")

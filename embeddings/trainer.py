@@ -24,7 +24,7 @@ from embeddings.config_validation import validate
 from embeddings.data import build_pipeline
 from embeddings.evaluation import build_evaluators
 from embeddings.metrics_writer import MetricWriter
-from embeddings.model_setup import build_model, save_model_files
+from embeddings.model_setup import build_guide, build_model, save_model_files
 from embeddings.models import packing
 from embeddings.optim import make_optimizer
 from embeddings.sharding import global_batch, make_mesh, replicated, tree_shardings
@@ -256,6 +256,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     start_step = int(state.step)
 
     # ---- Update step, evaluators, writers ----
+    guide = build_guide(config, setup.tokenizer) if config.loss.kind == "gist" else None
     train_step = make_train_step(
         model=model,
         optimizer=optimizer,
@@ -263,6 +264,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         config=config,
         mesh=mesh,
         state_shardings=shardings,
+        guide=guide,
     )
     evaluators = build_evaluators(config.eval, similarity=config.loss.similarity)
     writer = MetricWriter(workdir, enabled=process_index == 0, resume_step=start_step)
