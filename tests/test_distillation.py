@@ -1,4 +1,5 @@
-"""Distillation rows (teacher margins, scores, embeddings) from file to loss, and train.py on each.
+"""Distillation rows (teacher margins, scores, embeddings) from file to loss; train.py on each
+loss kind, GIST with a guide included.
 
 The losses themselves are tested against sentence-transformers in test_losses.py; here the rows
 of data/README.md's "Teacher labels" are read into the batch arrays those losses take, checked
@@ -170,3 +171,58 @@ def test_train_py_runs_each_distillation_kind(tmp_path, loss_kind, data_kind):
 
 def test_label_keys_name_the_batch_arrays_the_losses_read():
     assert LABEL_KEYS == {"scores": "scores", "embedding": "teacher_embedding"}
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(kind="gist"), "needs config.loss.guide.init"),
+        (dict(guide=dict(init="some/guide")), "used only by --config.loss.kind=gist"),
+        (dict(kind="gist", guide=dict(init="g", margin_strategy="ratio")), "margin_strategy"),
+        (dict(kind="gist", guide=dict(init="g", margin=-0.1)), "guide.margin=-0.1 must be >= 0"),
+        (dict(kind="distill_kl", temperature=0.0), "loss.temperature=0.0 must be a positive"),
+        (dict(kind="embedding_mse", matryoshka_dims=(16,)), "only supported with loss.kind='mnrl'"),
+    ],
+)
+def test_recipe_settings_are_validated(overrides, message):
+    from configs import tiny
+    from embeddings.config_validation import ConfigError, validate
+
+    config = tiny.get_config()
+    config.loss.update(overrides)
+    with pytest.raises(ConfigError, match=message):
+        validate(config)
+
+
+@pytest.mark.slow
+def test_train_py_runs_gist_with_a_guide(tmp_path):
+    from tests.hf_tiny import make_tiny_hf_model
+
+    guide = make_tiny_hf_model("bert", tmp_path, seed=1)  # the tiny config's tokenizer
+    rows = [[f"{w} tool {i}", f"a program for {w} number {i}"] for i, w in enumerate(WORDS * 5)]
+    write_lines(tmp_path / "rows.jsonl", rows)
+    (tmp_path / "mix.json").write_text(json.dumps([{"name": "rows.jsonl", "weight": 1}]))
+    command = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--config",
+        str(ROOT / "configs/tiny.py"),
+        "--workdir",
+        str(tmp_path / "run"),
+        "--config.eval.sts_file=",
+        "--config.eval.retrieval_file=",
+        f"--config.data_folder={tmp_path}",
+        f"--config.data_config={tmp_path / 'mix.json'}",
+        "--config.batch_size=8",
+        "--config.total_steps=2",
+        "--config.log_every=1",
+        "--config.checkpoint_every=2",
+        "--config.grad_cache_chunk=4",
+        "--config.loss.kind=gist",
+        f"--config.loss.guide.init={guide}",
+    ]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [np.isfinite(r["loss"]) for r in records if "loss" in r] == [True, True]
+    assert all(0.0 <= r["masked"] <= 1.0 for r in records if "loss" in r)
