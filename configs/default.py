@@ -49,6 +49,11 @@ def get_config() -> ml_collections.ConfigDict:
             # (one core each); 0 = the thread does it all. Same batches for any value.
             # A GPU or TPU host feeding a small model fast wants several.
             workers=0,
+            # Rows {"query": q, "pos": [...], "neg": [...]} (or anchor/positive/negative):
+            # 0 = the first element of each list; k > 0 = one positive and k negatives
+            # drawn from the lists at every use, from (seed, epoch, line), so a resumed
+            # run draws the same (Tevatron's train_group_size = k + 1).
+            negatives_per_row=0,
         )
     )
 

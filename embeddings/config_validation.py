@@ -130,7 +130,12 @@ def validate(config: ml_collections.ConfigDict, *, process_count: int = 1) -> No
 
 
 def _validate_recipes(config: ml_collections.ConfigDict) -> None:
-    """The distillation and guided-filtering settings of `config.loss` (issue 20)."""
+    """The settings of issue 20's recipes: sampled candidates, distillation, GIST."""
+    if config.data.negatives_per_row < 0:
+        raise ConfigError(
+            f"config.data.negatives_per_row={config.data.negatives_per_row!r} must be >= 0 "
+            "(0 = the first negative of a list; k = k negatives sampled per use)."
+        )
     loss = config.loss
     if not 0 < loss.temperature < float("inf"):
         raise ConfigError(

@@ -85,11 +85,15 @@ class RowSpec:
         keys of the texts in column order (then the label key for a labelled kind).
       label_size: numbers in each row's teacher embedding (kind "embedding", fixed by the first
         row); None otherwise.
+      negatives: k > 0: an (anchor, positive, negative) object row's texts are lists to sample
+        one positive and k negatives from at every use (`sample_candidates`); 0: a list gives
+        its first element.
     """
 
     layout: Layout
     fields: tuple[str, ...] | None
     label_size: int | None = None
+    negatives: int = 0
 
     @property
     def is_margin(self) -> bool:
@@ -108,6 +112,8 @@ class Example:
     margin: float | tuple[float, ...] | None  # kind "margin": one per negative (a float for one)
     line: int  # line (files) or record number (Hugging Face, TFDS), 1-based
     label: tuple[float, ...] | None = None  # kinds "scores" and "embedding": the teacher's numbers
+    # Sampled rows (RowSpec.negatives): every positive and every negative of the row.
+    candidates: tuple[tuple[str, ...], tuple[str, ...]] | None = None
 
 
 class Source(abc.ABC):
@@ -291,8 +297,12 @@ def make_source(entry: DatasetEntry, data_folder) -> Source:
     return TfdsSource(entry, data_folder)
 
 
-def infer_row_spec(entry: DatasetEntry, source: Source) -> RowSpec:
+def infer_row_spec(entry: DatasetEntry, source: Source, *, negatives_per_row: int = 0) -> RowSpec:
     """Fixes a dataset's layout from its first valid row (within PEEK_RECORDS records).
+
+    With `negatives_per_row` k > 0, object rows of (anchor, positive[, negative]) fields get
+    one positive and k negatives sampled per use (k negative columns when there is a negative
+    field).
 
     Raises:
       DataConfigError: no valid row among the first records, naming the file and the reasons.
@@ -303,7 +313,7 @@ def infer_row_spec(entry: DatasetEntry, source: Source) -> RowSpec:
         for line, raw in itertools.islice(records, PEEK_RECORDS):
             try:
                 row = source.decode(raw)
-                spec = _spec_from_row(entry, row)
+                spec = _sampled(_spec_from_row(entry, row), negatives_per_row)
                 parse_row(row, spec)
                 return spec
             except BadRecord as e:
@@ -379,6 +389,8 @@ def parse_row(row: Any, spec: RowSpec, line: int = 0) -> Example:
         if missing:
             raise BadRecord(f"missing key(s) {missing}")
         values = [row[f] for f in spec.fields]
+        if spec.negatives:
+            return _candidates_row(values, spec, line)
         if margin:
             values = _expand_lists(values, spec.layout.columns)
         else:
@@ -468,3 +480,57 @@ def _label(value: Any, spec: RowSpec) -> tuple[float, ...]:
         what = "one per candidate" if spec.layout.kind == "scores" else "the first row's size"
         raise BadRecord(f"{len(numbers)} {spec.layout.kind} numbers, expected {expected} ({what})")
     return numbers
+
+
+def _sampled(spec: RowSpec, negatives: int) -> RowSpec:
+    """The spec with sampling on, for the row layouts it applies to (else unchanged)."""
+    sampled = negatives and not spec.is_labelled and spec.fields not in (None, ("texts",))
+    if not sampled or spec.layout.columns > 3:
+        return spec
+    columns = 2 + negatives if spec.layout.columns == 3 else 2
+    return dataclasses.replace(spec, layout=Layout(spec.layout.kind, columns), negatives=negatives)
+
+
+def _text_list(value: Any, column: int) -> tuple[str, ...]:
+    texts = tuple(value) if isinstance(value, list | tuple) else (value,)
+    for text in texts:
+        if not isinstance(text, str) or not text.strip():
+            raise BadRecord(f"column {column} holds {text!r}, not a non-empty string")
+    return texts
+
+
+def _candidates_row(values: list[Any], spec: RowSpec, line: int) -> Example:
+    """An example keeping every positive and negative of a row, for `sample_candidates`."""
+    if not isinstance(values[0], str) or not values[0].strip():
+        raise BadRecord(f"column 0 holds {values[0]!r}, not a non-empty string")
+    query = values[0]
+    positives = _text_list(values[1], 1)
+    negatives = _text_list(values[2], 2) if len(values) > 2 else ()
+    if not positives or (len(values) > 2 and not negatives):
+        raise BadRecord("an empty list of positives or negatives")
+    example = Example((query,), None, line, candidates=(positives, negatives))
+    return sample_candidates(example, spec.negatives, None)
+
+
+def sample_candidates(example: Example, negatives: int, rng) -> Example:
+    """The example with one positive and `negatives` negatives drawn from its lists.
+
+    As Tevatron's train_group_size - 1: negatives without replacement when the row has enough,
+    else with replacement. The caller seeds `rng` from (seed, dataset, process, epoch, line), so
+    every use draws afresh and a resumed run draws the same. `rng=None` takes the first ones (a
+    placeholder until the stream draws).
+    """
+    positives, pool = example.candidates
+    query = example.texts[0]
+    if rng is None:
+        positive, chosen = (
+            positives[0],
+            [pool[i % len(pool)] for i in range(negatives)] if pool else [],
+        )
+    else:
+        positive = positives[rng.integers(len(positives))]
+        chosen = []
+        if pool:
+            picks = rng.choice(len(pool), size=negatives, replace=len(pool) < negatives)
+            chosen = [pool[i] for i in picks]
+    return dataclasses.replace(example, texts=(query, positive, *chosen))
