@@ -136,6 +136,8 @@ def get_config() -> ml_collections.ConfigDict:
             # kind "gist" only: a frozen guide model scores the same global batch in every
             # step; in-batch candidates it scores above the anchor's positive are masked.
             # Use scale=100 (GIST's temperature 0.01) and cosine to match sentence-transformers.
+            # mask_false_negatives does not apply; a copy of the positive scores equal to it,
+            # not above, so margin=0 keeps it (any margin > 0 masks it).
             guide=ml_collections.ConfigDict(
                 dict(
                     # Local folder or Hub id of any supported encoder with the model's
