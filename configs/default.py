@@ -54,6 +54,11 @@ def get_config() -> ml_collections.ConfigDict:
             # (one core each); 0 = the thread does it all. Same batches for any value.
             # A GPU or TPU host feeding a small model fast wants several.
             workers=0,
+            # Rows {"query": q, "pos": [...], "neg": [...]} (or anchor/positive/negative):
+            # 0 = the first element of each list; k > 0 = one positive and k negatives
+            # drawn from the lists at every use, from (seed, epoch, line), so a resumed
+            # run draws the same (Tevatron's train_group_size = k + 1).
+            negatives_per_row=0,
         )
     )
 
@@ -101,7 +106,13 @@ def get_config() -> ml_collections.ConfigDict:
     # ---- Loss ----
     config.loss = ml_collections.ConfigDict(
         dict(
-            kind="mnrl",  # "mnrl": in-batch negatives softmax; "margin_mse": distillation margins
+            # "mnrl": in-batch negatives softmax. "gist": the same with guided false-negative
+            # filtering (sentence-transformers' GISTEmbedLoss; needs guide.init).
+            # Distillation from teacher labels in the rows (data/README.md, "Teacher
+            # labels"): "margin_mse" (margin or scores rows, k >= 1 negatives), "distill_kl"
+            # (listwise KL to teacher scores; scores rows), "embedding_mse" (MSE to teacher
+            # embeddings; embedding rows).
+            kind="mnrl",
             similarity="cosine",  # "cosine" or "dot" (also written into the exported model)
             scale=20.0,  # logits = scale * similarity (1.0 for dot product)
             # "pairs": symmetric (a->b and b->a averaged) for pairs, one-way when the
@@ -110,6 +121,27 @@ def get_config() -> ml_collections.ConfigDict:
             mask_false_negatives=True,  # drop candidates whose text equals the anchor's positive
             matryoshka_dims=(),  # e.g. (384, 256, 128, 64): loss summed over truncated sizes
             matryoshka_weights=(),  # one weight per dim; () = all 1
+            # "distill_kl" only: softmax temperature of student and teacher scores
+            # (the loss is multiplied by its square, as sentence-transformers does).
+            temperature=1.0,
+            # kind "gist" only: a frozen guide model scores the same global batch in every
+            # step; in-batch candidates it scores above the anchor's positive are masked.
+            # Use scale=100 (GIST's temperature 0.01) and cosine to match sentence-transformers.
+            # mask_false_negatives does not apply; a copy of the positive scores equal to it,
+            # not above, so margin=0 keeps it (any margin > 0 masks it).
+            guide=ml_collections.ConfigDict(
+                dict(
+                    # Local folder or Hub id of any supported encoder with the model's
+                    # tokenizer (loaded like model.init); never trained, not checkpointed.
+                    init="",
+                    # "absolute": mask when guide(a, c) > guide(a, pos) - margin;
+                    # "relative": when guide(a, c) > guide(a, pos) * (1 - margin) (pos > 0).
+                    margin_strategy="absolute",
+                    margin=0.0,  # 0 = mask whatever the guide scores above the positive
+                    contrast_anchors=True,  # also contrast each anchor with the other anchors
+                    contrast_positives=True,  # and each positive with the other positives
+                )
+            ),
         )
     )
 

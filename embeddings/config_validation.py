@@ -11,11 +11,10 @@ import ml_collections
 
 from embeddings.data.pipeline import batch_split_problem
 from embeddings.evaluation.tasks import TaskError, validate_eval
-from embeddings.losses import SIMILARITIES
+from embeddings.losses import LOSS_KINDS, MARGIN_STRATEGIES, SIMILARITIES, SYMMETRIC_CHOICES
 from embeddings.models import POOLING_MODES, SUPPORTED_MODEL_TYPES
 from embeddings.models.kernels import ATTENTION_KERNELS
 from embeddings.optim import SCHEDULES
-from embeddings.train_step import LOSS_KINDS, SYMMETRIC_CHOICES
 
 
 class ConfigError(ValueError):
@@ -123,8 +122,9 @@ def validate(
             f"config.loss.matryoshka_dims has {len(loss.matryoshka_dims)}: give one weight per "
             "dim, or () for equal weights."
         )
-    if loss.kind == "margin_mse" and loss.matryoshka_dims:
+    if loss.kind != "mnrl" and loss.matryoshka_dims:
         raise ConfigError("config.loss.matryoshka_dims is only supported with loss.kind='mnrl'.")
+    _validate_recipes(config)
 
     opt = config.optimizer
     _choice("optimizer.schedule", opt.schedule, SCHEDULES)
@@ -144,3 +144,29 @@ def validate(
         validate_eval(config)
     except TaskError as error:
         raise ConfigError(str(error)) from None
+
+
+def _validate_recipes(config: ml_collections.ConfigDict) -> None:
+    """The settings of issue 20's recipes: sampled candidates, distillation, GIST."""
+    if config.data.negatives_per_row < 0:
+        raise ConfigError(
+            f"config.data.negatives_per_row={config.data.negatives_per_row!r} must be >= 0 "
+            "(0 = the first negative of a list; k = k negatives sampled per use)."
+        )
+    loss = config.loss
+    if not 0 < loss.temperature < float("inf"):
+        raise ConfigError(
+            f"config.loss.temperature={loss.temperature!r} must be a positive finite number "
+            "(1.0 = the teacher's and student's scores as they are)."
+        )
+    guide = loss.guide
+    if (loss.kind == "gist") != bool(guide.init):
+        raise ConfigError(
+            "config.loss.kind='gist' needs config.loss.guide.init (a guide model folder or Hub id)."
+            if loss.kind == "gist"
+            else f"config.loss.guide.init={guide.init!r} is set but config.loss.kind="
+            f"{loss.kind!r}: the guide is used only by --config.loss.kind=gist."
+        )
+    _choice("loss.guide.margin_strategy", guide.margin_strategy, MARGIN_STRATEGIES)
+    if guide.margin < 0:
+        raise ConfigError(f"config.loss.guide.margin={guide.margin!r} must be >= 0.")

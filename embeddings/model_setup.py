@@ -137,3 +137,24 @@ def build_model(
     return ModelSetup(
         model=model, params=params, extras=extras, tokenizer=tokenizer, spec=spec, sources=sources
     )
+
+
+def build_guide(config: ml_collections.ConfigDict, tokenizer) -> tuple[SentenceEncoder, dict]:
+    """The frozen guide encoder of GIST (`config.loss.guide.init`) and its parameters.
+
+    The guide reads the student's token ids, so it must share the student's vocabulary;
+    its own pooling and normalisation come from its folder (its similarity is always cosine).
+
+    Raises:
+      ValueError: the guide's tokenizer has another vocabulary than the student's.
+    """
+    init = config.loss.guide.init
+    loaded = load_pretrained(init)
+    if load_tokenizer(loaded.model_dir).get_vocab() != tokenizer.get_vocab():
+        raise ValueError(
+            f"config.loss.guide.init={init!r} has another vocabulary than the model's tokenizer: "
+            "the guide reads the same token ids, so choose a guide with the model's tokenizer "
+            "(e.g. the model's own init)."
+        )
+    encoder = SentenceEncoder(loaded.config, loaded.spec, dtype=DTYPES[config.model.dtype])
+    return encoder, loaded.params

@@ -23,7 +23,7 @@ from embeddings.config_validation import validate
 from embeddings.data import build_pipeline
 from embeddings.evaluation import build_evaluators, run_evaluators
 from embeddings.metrics_writer import MetricWriter
-from embeddings.model_setup import build_model
+from embeddings.model_setup import build_guide, build_model
 from embeddings.sharding import make_mesh
 from embeddings.step_setup import build_training
 from embeddings.train_step import TrainState
@@ -194,7 +194,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     )
 
     # ---- Optimizer and sharded state ----
-    training = build_training(config, model, setup.params, mesh)
+    guide = build_guide(config, setup.tokenizer) if config.loss.kind == "gist" else None
+    training = build_training(config, model, setup.params, mesh, guide=guide)
     abstract, shardings = training.abstract_state, training.shardings
 
     # ---- Restore: workdir checkpoint -> resume_from -> init ----

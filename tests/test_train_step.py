@@ -384,3 +384,67 @@ def test_non_finite_gradients_skip_the_update():
     _assert_trees_close(
         jax.tree.map(np.asarray, new_state.params), jax.tree.map(np.asarray, poisoned), 0.0
     )
+
+
+# ---- GIST: guided false-negative filtering against sentence-transformers ----
+
+
+@pytest.fixture(scope="module")
+def tiny_guide(tmp_path_factory):
+    """Another tiny BERT (other random weights, the same tokenizer) as the frozen guide."""
+    return make_tiny_hf_model("bert", tmp_path_factory.mktemp("tiny_guide"), seed=1)
+
+
+def _st_model(folder):
+    transformer = models.Transformer(str(folder), max_seq_length=64)
+    pooling = models.Pooling(transformer.get_embedding_dimension(), "mean")
+    st = SentenceTransformer(modules=[transformer, pooling], device="cpu")
+    st.eval()
+    return st
+
+
+@pytest.mark.parametrize(
+    "columns,chunk,options",
+    [
+        (2, 0, dict(margin_strategy="absolute", margin=0.0)),
+        (3, 0, dict(margin_strategy="relative", margin=0.05, contrast_anchors=False)),
+        (2, 2, dict(margin_strategy="absolute", margin=0.02)),
+        (3, 4, dict(margin_strategy="relative", margin=0.0, contrast_positives=False)),
+    ],
+)
+def test_gist_matches_sentence_transformers(tiny_bert, tiny_guide, columns, chunk, options):
+    """GISTEmbedLoss (plain step) and CachedGISTEmbedLoss (GradCache) on the same weights."""
+    texts = [ANCHORS, POSITIVES, NEGATIVES][:columns]
+    temperature = 0.05
+    cfg = _loss_config(kind="gist", scale=1.0 / temperature)
+    cfg.guide.update(init=str(tiny_guide), **options)
+
+    pre, guide = load_pretrained(str(tiny_bert)), load_pretrained(str(tiny_guide))
+    spec = SentenceSpec(pooling="mean", normalize=False)
+    model = DualEncoder(SentenceEncoder(pre.config, spec))
+    batch = _tokenize(load_tokenizer(tiny_bert), texts)
+    (loss, metrics), grads = loss_and_grads(
+        {"encoder": pre.params},
+        batch,
+        None,
+        model=model,
+        loss_config=cfg,
+        grad_cache_chunk=chunk,
+        guide=SentenceEncoder(guide.config, spec),
+        guide_params=guide.params,
+    )
+    ours = hf_state_dict(jax.tree.map(np.asarray, grads["encoder"]), pre.config)
+
+    st, st_guide = _st_model(tiny_bert), _st_model(tiny_guide)
+    kwargs = dict(temperature=temperature, **options)
+    if chunk:
+        reference = losses.CachedGISTEmbedLoss(st, st_guide, mini_batch_size=chunk, **kwargs)
+    else:
+        reference = losses.GISTEmbedLoss(st, st_guide, **kwargs)
+    ref_loss = reference([st.tokenize(t) for t in texts], None)
+    ref_loss.backward()
+    theirs = {_hf_name(n): p.grad.numpy() for n, p in st.named_parameters() if p.grad is not None}
+
+    assert float(loss) == pytest.approx(float(ref_loss.detach()), rel=1e-5, abs=1e-6)
+    _assert_grads_close(ours, theirs)
+    assert 0.0 < float(metrics["masked"]) < 1.0  # the guide masked some candidates, not all
