@@ -180,6 +180,11 @@ def get_config() -> ml_collections.ConfigDict:
             # Texts per encoding batch, split over all devices (rows rounded up to a
             # multiple of the device count).
             batch_size=128,
+            # Compute dtype of evaluation encoding: "auto" = bfloat16 on a GPU or TPU
+            # and the model's dtype on a CPU; "float32" | "bfloat16". Parameters stay
+            # float32. bfloat16 numbers can differ from the float32 export's in the
+            # third decimal: set "float32" to select checkpoints on exact numbers.
+            dtype="auto",
             # More tasks, each logged as eval/<name>/<metric> (after sts_file's and
             # retrieval_file's): dicts with name, kind ("sts" | "retrieval" |
             # "reranking" | "pair_classification"), data (file, BEIR folder, Hub

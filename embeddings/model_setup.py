@@ -139,6 +139,26 @@ def build_model(
     )
 
 
+def inference_model(model: DualEncoder, dtype: str, backend: str) -> DualEncoder:
+    """The model evaluation encodes with: `config.eval.dtype` resolved for `backend`.
+
+    "auto" is bfloat16 on a GPU or TPU (half the bytes of float32 there, where
+    evaluating a large corpus is memory-bound) and the training dtype on a CPU,
+    where bfloat16 matmuls are no faster. The parameters stay float32 either way.
+    """
+    if dtype == "auto":
+        dtype = "bfloat16" if backend in ("gpu", "tpu") else None
+    if dtype is None or DTYPES[dtype] == model.encoder.dtype:
+        return model
+    encoder = model.encoder
+    return dataclasses.replace(
+        model,
+        encoder=SentenceEncoder(
+            encoder.config, encoder.spec, dtype=DTYPES[dtype], attention=encoder.attention
+        ),
+    )
+
+
 def build_guide(config: ml_collections.ConfigDict, tokenizer) -> tuple[SentenceEncoder, dict]:
     """The frozen guide encoder of GIST (`config.loss.guide.init`) and its parameters.
 

@@ -7,6 +7,7 @@ files → loop. Resume order: a checkpoint in the workdir, then
 to the workdir before every start-up check has passed.
 """
 
+import functools
 import signal
 import sys
 import time
@@ -23,7 +24,7 @@ from embeddings.config_validation import validate
 from embeddings.data import build_pipeline
 from embeddings.evaluation import build_evaluators, run_evaluators
 from embeddings.metrics_writer import MetricWriter
-from embeddings.model_setup import build_guide, build_model
+from embeddings.model_setup import build_guide, build_model, inference_model
 from embeddings.sharding import make_mesh
 from embeddings.step_setup import build_training
 from embeddings.train_step import TrainState
@@ -117,16 +118,9 @@ def make_encode_fn(model, params, tokenizer, config: ml_collections.ConfigDict, 
     With a mesh, each batch's rows are split over all its devices.
     """
 
-    def encode(texts, role):
-        return model.encoder.encode(
-            params[model.tower(role)],
-            tokenizer,
-            list(texts),
-            batch_size=config.eval.batch_size,
-            mesh=mesh,
-        )
-
-    return encode
+    return functools.partial(
+        model.encode, params, tokenizer, batch_size=config.eval.batch_size, mesh=mesh
+    )
 
 
 def _open_checkpointer(config: ml_collections.ConfigDict, workdir: epath.Path) -> Checkpointer:
@@ -233,10 +227,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     writer = MetricWriter(workdir, enabled=process_index == 0, resume_step=start_step)
     stop = _StopSignal()
 
+    eval_model = inference_model(model, config.eval.dtype, jax.default_backend())
+
     def run_eval(step: int) -> dict:
         if not evaluators:
             return {}
-        encode = make_encode_fn(model, state.params, setup.tokenizer, config, mesh)
+        encode = make_encode_fn(eval_model, state.params, setup.tokenizer, config, mesh)
         results = run_evaluators(evaluators, encode, config.eval.mean_of)
         writer.write(step, results)
         return results

@@ -87,10 +87,7 @@ def load_encode_fn(path: str, batch_size: int) -> tuple[EncodeFn, str]:
         model, tokenizer = files.model, files.tokenizer
 
         def encode_checkpoint(texts, role):
-            tower = params[model.tower(role)]
-            return model.encoder.encode(
-                tower, tokenizer, list(texts), batch_size=batch_size, mesh=mesh
-            )
+            return model.encode(params, tokenizer, texts, role, batch_size=batch_size, mesh=mesh)
 
         return encode_checkpoint, files.spec.similarity or "cosine"
 

@@ -371,3 +371,33 @@ def test_evaluate_script_reports_a_workdir_without_checkpoints(tmp_path):
     result = run_script("--model", str(tmp_path), "--task", "sts", "--data", str(STS_FILE))
     assert result.returncode != 0
     assert "No checkpoint" in result.stderr and "Traceback" not in result.stderr
+
+
+# ---- The evaluation's compute dtype (config.eval.dtype) ----
+
+
+def test_eval_dtype_auto_is_bfloat16_on_accelerators_and_bfloat16_encodes_in_bfloat16(tmp_path):
+    import jax.numpy as jnp
+
+    from embeddings.model_setup import inference_model
+    from embeddings.models import SentenceEncoder, load_pretrained
+    from embeddings.models.dual_encoder import DualEncoder
+    from tests.hf_tiny import make_tiny_hf_model
+
+    pre = load_pretrained(str(make_tiny_hf_model("bert", tmp_path)))
+    model = DualEncoder(SentenceEncoder(pre.config, pre.spec))
+    for backend, expected in (("tpu", jnp.bfloat16), ("gpu", jnp.bfloat16), ("cpu", jnp.float32)):
+        assert inference_model(model, "auto", backend).encoder.dtype == expected, backend
+    assert inference_model(model, "float32", "tpu") is model  # an explicit setting wins
+    bf16 = inference_model(model, "bfloat16", "cpu")
+    assert bf16.encoder.dtype == jnp.bfloat16 and bf16.tied == model.tied
+
+    texts = ["a short text", "another somewhat longer text about packages", "x"]
+    params = {"encoder": pre.params}
+    tokenizer = pre.tokenizer()
+    exact = model.encode(params, tokenizer, texts, "query")
+    rounded = bf16.encode(params, tokenizer, texts, "query")
+    # bfloat16 keeps 8 mantissa bits: the embeddings move (it really ran in bf16),
+    # but stay within the few-1e-2 a bfloat16 forward of a tiny BERT shows.
+    assert not np.array_equal(exact, rounded)
+    np.testing.assert_allclose(rounded, exact, atol=5e-2)

@@ -29,6 +29,8 @@ from embeddings.evaluation.evaluators import (
 )
 from embeddings.evaluation.sts import SPLITS as STS_SPLITS
 
+EVAL_DTYPES = ("auto", "float32", "bfloat16")  # config.eval.dtype
+
 TASK_KINDS = ("sts", "retrieval", "reranking", "pair_classification")
 # key -> what it means (the error for an unknown key lists these).
 TASK_KEYS = {
@@ -156,6 +158,8 @@ def validate_eval(config: ml_collections.ConfigDict) -> None:
     config_eval = config.eval
     if config_eval.batch_size <= 0:
         raise TaskError(f"config.eval.batch_size={config_eval.batch_size!r} must be > 0.")
+    if config_eval.dtype not in EVAL_DTYPES:
+        raise TaskError(f"config.eval.dtype={config_eval.dtype!r} is not one of {EVAL_DTYPES}.")
     names: dict[str, dict] = {}
     for key, task in eval_tasks(config_eval):
         _check_task(key, task)

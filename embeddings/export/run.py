@@ -39,8 +39,7 @@ def _run_info(workdir: epath.Path, step: int) -> RunInfo:
 
 
 def jax_embeddings(files: ModelSetup, params: dict, texts, role: str) -> np.ndarray:
-    tower = files.model.tower(role)
-    return files.model.encoder.encode(params[tower], files.tokenizer, list(texts))
+    return files.model.encode(params, files.tokenizer, texts, role)
 
 
 def compare_with_sentence_transformers(

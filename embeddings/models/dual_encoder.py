@@ -10,6 +10,7 @@ parameters. Parameters are a plain dict: `{"encoder": p}` or
 import dataclasses
 
 import jax
+import numpy as np
 
 from embeddings.models.sentence_encoder import SentenceEncoder
 
@@ -46,6 +47,14 @@ class DualEncoder:
         """Random parameters for every tower (untied towers get different draws)."""
         keys = jax.random.split(rng, len(self.towers))
         return {name: self.encoder.init(key) for name, key in zip(self.towers, keys, strict=True)}
+
+    def encode(self, params, tokenizer, texts, role: str, **kwargs) -> np.ndarray:
+        """Embeds texts of `role` ("query" or "document") with that role's tower.
+
+        Evaluation, export checks and mining; `kwargs` go to `SentenceEncoder.encode`
+        (`batch_size`, `max_length`, `mesh`).
+        """
+        return self.encoder.encode(params[self.tower(role)], tokenizer, list(texts), **kwargs)
 
     def embed(
         self, params, column: int, input_ids, attention_mask, *, token_index=None, dropout_rng=None
