@@ -13,7 +13,7 @@ from embeddings.models.layers import ATTENTION_KERNELS, NORM_KERNELS
 from embeddings.optim import SCHEDULES
 from embeddings.train_step import LOSS_KINDS, SYMMETRIC_CHOICES
 
-MODEL_TYPES = ("bert", "distilbert", "mpnet", "roberta", "xlm-roberta")
+MODEL_TYPES = ("bert", "distilbert", "mpnet", "roberta", "xlm-roberta", "modernbert")
 
 
 class ConfigError(ValueError):

@@ -18,6 +18,7 @@ from flax import nnx
 from embeddings.models.attention_kernel import Tiling
 from embeddings.models.config import EncoderConfig
 from embeddings.models.encoder import Encoder
+from embeddings.models.modernbert import ModernBertEncoder
 from embeddings.models.pooling import POOLING_MODES, l2_normalize, pool
 from embeddings.models.pretrained import SentenceSpec
 
@@ -85,8 +86,9 @@ class SentenceEncoder:
         self.graphdef, _ = nnx.split(abstract)
         self._jit_embed = jax.jit(self.embed)
 
-    def _build(self, rngs: nnx.Rngs) -> Encoder:
-        return Encoder(
+    def _build(self, rngs: nnx.Rngs) -> Encoder | ModernBertEncoder:
+        model = ModernBertEncoder if self.config.model_type == "modernbert" else Encoder
+        return model(
             self.config,
             rngs=rngs,
             dtype=self.dtype,
