@@ -7,6 +7,7 @@ load of the exported folder. The tiny models (`tests/modernbert_tiny.py`) have
 local layers with a +-4-token window, so every batch here is past it.
 """
 
+import dataclasses
 import json
 import pathlib
 import subprocess
@@ -22,7 +23,9 @@ from transformers.masking_utils import sliding_window_bidirectional_overlay
 
 from configs import tiny
 from embeddings.checkpointing import find_checkpoint, restore_params
+from embeddings.export import RunInfo
 from embeddings.export_run import export_run
+from embeddings.model_card import write_model_card
 from embeddings.model_setup import build_model, load_model_files
 from embeddings.models import SentenceEncoder, SentenceSpec, load_pretrained
 from embeddings.models.modernbert import window_bias
@@ -179,8 +182,6 @@ def test_remat_and_dropout(folders):
     remat = grads(SentenceEncoder(config, spec, remat=True))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), plain, remat)
 
-    import dataclasses
-
     dropping = SentenceEncoder(
         dataclasses.replace(config, embedding_dropout=0.1, attention_dropout=0.1, mlp_dropout=0.1),
         spec,
@@ -270,3 +271,9 @@ def test_train_export_and_load_in_sentence_transformers(folders, tmp_path):
     assert type(st[0].auto_model).__name__ == "ModernBertModel"
     card = (out / "README.md").read_text()
     assert f"| Base model | {init} |" in card
+    # A Hub id (as configs/modernbert_base.py's) is also linked in the card's front matter.
+    hub = dataclasses.replace(files, sources={"encoder": "answerdotai/ModernBERT-base"})
+    write_model_card(tmp_path / "card.md", hub, RunInfo(), "name")
+    card = (tmp_path / "card.md").read_text()
+    assert "base_model:\n- answerdotai/ModernBERT-base\n" in card
+    assert "| Base model | answerdotai/ModernBERT-base |" in card
