@@ -214,6 +214,47 @@ def test_long_inputs_past_512_tokens(folders):
     np.testing.assert_allclose(ours[0], ref[0].mean(0), atol=2e-5, rtol=1e-5)
 
 
+def test_loads_a_masked_lm_checkpoint_like_the_released_ones(tmp_path):
+    """answerdotai/ModernBERT-base is a ModernBertForMaskedLM ("model." prefix, a head and
+    a decoder) whose config.json has the 4.x keys: the encoder is its `.model`."""
+    import transformers
+
+    from tests.hf_tiny import make_tokenizer
+    from tests.modernbert_tiny import tiny_config
+
+    tokenizer = make_tokenizer("roberta")
+    torch.manual_seed(0)
+    masked_lm = transformers.ModernBertForMaskedLM(tiny_config(len(tokenizer), 1)).eval()
+    masked_lm.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for key in ("layer_types", "rope_parameters"):
+        del config[key]
+    config.update(global_attn_every_n_layers=2, global_rope_theta=1000.0, local_rope_theta=100.0)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+
+    pre = load_pretrained(str(tmp_path))
+    assert pre.extras == {}  # the head and decoder are outside the encoder
+    ids, mask = _batch(LENGTHS)
+    ref = _torch_hidden(masked_lm.model, ids, mask)
+    ours = np.asarray(
+        SentenceEncoder(pre.config, SentenceSpec()).hidden_states(pre.params, ids, mask)
+    )
+    np.testing.assert_allclose(ours[mask == 1], ref[mask == 1], atol=2e-5, rtol=1e-5)
+
+
+def test_modernbert_base_config_is_valid_and_names_the_hub_model(monkeypatch):
+    from configs import modernbert_base
+    from embeddings.config_validation import validate
+
+    config = modernbert_base.get_config()
+    validate(config)
+    assert config.model.init == "answerdotai/ModernBERT-base"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no Hub here: the loader says so, naming the id
+    with pytest.raises(FileNotFoundError, match="answerdotai/ModernBERT-base"):
+        load_pretrained(config.model.init)
+
+
 def test_random_init_from_the_training_config():
     config = tiny.get_config()
     config.model.model_type = "modernbert"
