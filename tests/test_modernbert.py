@@ -318,3 +318,28 @@ def test_train_export_and_load_in_sentence_transformers(folders, tmp_path):
     card = (tmp_path / "card.md").read_text()
     assert "base_model:\n- answerdotai/ModernBERT-base\n" in card
     assert "| Base model | answerdotai/ModernBERT-base |" in card
+
+
+@pytest.mark.slow
+def test_bench_script_runs_and_reports_both_sides():
+    """bench/modernbert.py end to end on a tiny model (timings not judged)."""
+    command = [sys.executable, "bench/modernbert.py", "--hidden", "64", "--layers", "2"]
+    command += ["--lengths", "16,160", "--batch_size", "2", "--steps", "1", "--json"]
+    done = subprocess.run(
+        command, cwd=ROOT, check=True, timeout=600, capture_output=True, text=True
+    )
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [row["max_length"] for row in result["rows"]] == [16, 160]
+    for row in result["rows"]:
+        tokens = 2 * 2 * row["max_length"]
+        assert row["tokens_per_second"] == pytest.approx(tokens / row["step_seconds"])
+        assert row["speedup"] == pytest.approx(row["reference_step_seconds"] / row["step_seconds"])
+
+
+def test_flops_count_the_gated_feed_forward():
+    from embeddings.flops import forward_flops
+
+    config = ModernBertConfig(hidden_size=64, num_layers=2, num_heads=1, intermediate_size=96)
+    h, i, n = 64, 96, 10
+    expected = 2 * (2 * (4 * h * h + 3 * h * i) * n + 2 * 2 * h * n * n)  # by hand
+    assert forward_flops(config, [n]) == expected
