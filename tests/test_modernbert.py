@@ -214,6 +214,34 @@ def test_long_inputs_past_512_tokens(folders):
     np.testing.assert_allclose(ours[0], ref[0].mean(0), atol=2e-5, rtol=1e-5)
 
 
+def test_grad_cache_step_on_long_documents_equals_the_plain_step(folders):
+    """Short queries against ~600-token documents: GradCache (chunks of 2 rows) gives
+    the plain step's loss and gradients."""
+    from embeddings.dual_encoder import DualEncoder
+    from embeddings.train_step import loss_and_grads
+
+    pre = load_pretrained(str(folders["plain"]))
+    model = DualEncoder(SentenceEncoder(pre.config, SentenceSpec(pooling="mean", normalize=True)))
+    queries = _batch((12, 7, 9, 16), seed=1)
+    documents = _batch((600, 530, 640, 575), seed=2)
+    batch = {
+        "input_ids": (queries[0], documents[0]),
+        "attention_mask": (queries[1], documents[1]),
+    }
+    params = {"encoder": pre.params}
+    cfg = _loss_config()
+    (plain, _), plain_grads = loss_and_grads(params, batch, None, model=model, loss_config=cfg)
+    (cached, _), cached_grads = loss_and_grads(
+        params, batch, None, model=model, loss_config=cfg, grad_cache_chunk=2
+    )
+    assert float(cached) == pytest.approx(float(plain), rel=1e-5)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4),
+        cached_grads,
+        plain_grads,
+    )
+
+
 def test_loads_a_masked_lm_checkpoint_like_the_released_ones(tmp_path):
     """answerdotai/ModernBERT-base is a ModernBertForMaskedLM ("model." prefix, a head and
     a decoder) whose config.json has the 4.x keys: the encoder is its `.model`."""
