@@ -1,11 +1,14 @@
 """Transformer encoders (Flax NNX) with exact PyTorch parity, and Hugging Face import/export.
 
-Families: BERT (MiniLM, bert-base), DistilBERT, MPNet, RoBERTa, XLM-RoBERTa.
+Families: BERT (MiniLM, bert-base), DistilBERT, MPNet, RoBERTa, XLM-RoBERTa (`EncoderConfig`,
+`Encoder`) and ModernBERT (`ModernBertConfig`, `ModernBertEncoder`).
 """
 
 from embeddings.models.config import SUPPORTED_MODEL_TYPES, EncoderConfig
 from embeddings.models.encoder import Encoder
 from embeddings.models.hf_weights import hf_state_dict, params_from_hf, read_hf_state_dict
+from embeddings.models.modernbert import ModernBertEncoder
+from embeddings.models.modernbert_config import ModernBertConfig
 from embeddings.models.pooling import POOLING_MODES, l2_normalize, pool
 from embeddings.models.pretrained import (
     Pretrained,
@@ -22,6 +25,8 @@ __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "Encoder",
     "EncoderConfig",
+    "ModernBertConfig",
+    "ModernBertEncoder",
     "Pretrained",
     "SentenceEncoder",
     "SentenceSpec",
