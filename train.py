@@ -4,6 +4,10 @@
     python train.py --config configs/minilm_l6.py --workdir gs://bucket/run \
         --config.data_folder=gs://bucket/1b-pairs --config.batch_size=1024
 
+Exit status: 0 when training reached total_steps; 75 (EX_TEMPFAIL) when a
+SIGTERM (preemption, scripts/tpu_vm.sh stop) stopped it early after saving a
+checkpoint: run the same command again to resume; anything else is an error.
+
 All local devices are used. On a multi-host TPU slice every worker runs the same
 command (scripts/tpu_vm.sh run does this) and JAX's distributed runtime is
 started automatically; elsewhere pass --coordinator_address, --num_processes
@@ -11,6 +15,7 @@ and --process_id to every process.
 """
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -47,9 +52,14 @@ def main(argv):
         jax.distributed.initialize()
     logging.set_verbosity(logging.INFO if jax.process_index() == 0 else logging.WARNING)
 
-    from embeddings.trainer import train_and_evaluate
+    from embeddings.trainer import EXIT_STOPPED_EARLY, StoppedEarly, train_and_evaluate
 
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+        train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except StoppedEarly as stopped:
+        if jax.process_index() == 0:
+            print(stopped, flush=True)
+        sys.exit(EXIT_STOPPED_EARLY)
 
 
 if __name__ == "__main__":

@@ -2,15 +2,14 @@
 
     python bench/step.py [--json] [--dtype float32|bfloat16] [--batch_size 64] \
         [--max_length 128] [--steps 5] [--warmup 2] [--model minilm|tiny|PATH] \
-        [--pack_levels 8] [--attention_kernel auto|xla|pallas] [--attention_tiling ...] \
-        [--norm_kernel xla|pallas] [--full_length]
+        [--pack_levels 8] [--attention_kernel auto|xla|pallas] [--full_length]
 
 One step = forward of both columns of a batch of (anchor, positive) pairs, the
 symmetric in-batch negatives loss (cosine x 20), backward, grad-norm clipping
 at 1.0 and an AdamW update, dropout on, as in training.
 
-- Ours: `embeddings.train_step.make_train_step` (jitted, state donated), the
-  training configuration of configs/default.py (false-negative masking off,
+- Ours: the step train.py builds (`embeddings/step_setup.build_training`: jitted,
+  state donated), the training configuration of configs/default.py (false-negative masking off,
   since the reference has none), with the dense layers on real tokens only as
   train.py runs them (`config.model.pack_levels`, here --pack_levels; 0 runs
   them on the padding too).
@@ -25,9 +24,10 @@ at 1.0 and an AdamW update, dropout on, as in training.
   step, `zero_grad(set_to_none=True)`.
 
 Both get the same token ids: Debian (title, description) pairs from data/,
-tokenized with the model's tokenizer and padded to --max_length; with
---padding longest each column is padded to its longest text instead, as
-sentence-transformers' trainer pads its batches; with --full_length they are
+tokenized with the model's tokenizer, each column padded to its longest text
+(--padding longest, the default: what sentence-transformers' trainer does);
+--padding max_length pads every text to --max_length instead, which makes the
+reference compute padding its trainer never would; with --full_length they are
 random ids filling every text to --max_length (no padding, so the MFU is that
 of the whole shape). Each side
 runs in its own worker process (no shared thread pools or allocator), driven
@@ -49,7 +49,6 @@ sentence-transformers folder (safetensors).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gzip
 import itertools
 import json
@@ -69,13 +68,11 @@ import numpy as np
 from bench import _timing
 from configs import default
 from embeddings import flops
-from embeddings.dual_encoder import DualEncoder
-from embeddings.models import SentenceEncoder, load_pretrained, load_tokenizer
-from embeddings.models.attention_kernel import parse_tiling
-from embeddings.models.packing import batch_token_index
-from embeddings.optim import make_optimizer
-from embeddings.sharding import batch_sharding, make_mesh, replicated
-from embeddings.train_step import init_state, make_train_step
+from embeddings.host_batch import batch_token_index
+from embeddings.model_setup import build_model
+from embeddings.models import load_pretrained, load_tokenizer
+from embeddings.sharding import batch_sharding, make_mesh
+from embeddings.step_setup import build_training
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -188,52 +185,20 @@ def training_config(grad_cache_chunk: int = 0):
     return config
 
 
-@dataclasses.dataclass(frozen=True)
-class StepParts:
-    """What our step is made of for a loaded model (`bench/gpu_compile.py` shares it)."""
+def build_ours(folder, mesh, *, dtype="float32", grad_cache_chunk=0, attention_kernel="auto"):
+    """Our model and training step for a model folder, built by train.py's own code
+    (`model_setup.build_model`, `step_setup.build_training`) from `training_config`.
 
-    model: DualEncoder
-    optimizer: object
-    schedule: object
-    config: object  # configs/default.py's training recipe (`training_config`)
-    params: dict
-
-    @classmethod
-    def build(
-        cls,
-        pre,
-        dtype,
-        grad_cache_chunk=0,
-        attention_kernel="auto",
-        attention_tiling="",
-        norm_kernel="xla",
-    ):
-        """`pre`: `load_pretrained`'s result; the others as `OurStep`'s arguments."""
-        config = training_config(grad_cache_chunk)
-        encoder = SentenceEncoder(
-            pre.config,
-            pre.spec,
-            dtype=DTYPES[dtype],
-            attention_kernel=attention_kernel,
-            attention_tiling=parse_tiling(attention_tiling),
-            norm_kernel=norm_kernel,
-        )
-        optimizer, schedule = make_optimizer(config, SCHEDULE_STEPS)
-        return cls(DualEncoder(encoder), optimizer, schedule, config, {"encoder": pre.params})
-
-    def init_state(self):
-        return init_state(self.params, self.optimizer, self.config.seed)
-
-    def jit(self, mesh, state_shardings):
-        """The jitted train step over `mesh`."""
-        return make_train_step(
-            model=self.model,
-            optimizer=self.optimizer,
-            schedule=self.schedule,
-            config=self.config,
-            mesh=mesh,
-            state_shardings=state_shardings,
-        )
+    Returns:
+      (`ModelSetup`, `step_setup.Training`) over `mesh`.
+    """
+    config = training_config(grad_cache_chunk)
+    config.model.init = str(folder)
+    config.model.dtype = dtype
+    config.model.attention_kernel = attention_kernel
+    config.total_steps = SCHEDULE_STEPS
+    setup = build_model(config)
+    return setup, build_training(config, setup.model, setup.params, mesh)
 
 
 class OurStep:
@@ -245,33 +210,26 @@ class OurStep:
       grad_cache_chunk: rows per GradCache chunk; 0 for the plain step.
       devices: devices of the (data-parallel) mesh; default all.
       attention_kernel: config.model.attention_kernel ("auto", "xla", "pallas").
-      attention_tiling: config.model.attention_tiling ("" = the kernels' defaults).
-      norm_kernel: config.model.norm_kernel ("xla", "pallas").
     """
 
     def __init__(
-        self,
-        folder,
-        *,
-        dtype="float32",
-        grad_cache_chunk=0,
-        devices=None,
-        attention_kernel="auto",
-        attention_tiling="",
-        norm_kernel="xla",
+        self, folder, *, dtype="float32", grad_cache_chunk=0, devices=None, attention_kernel="auto"
     ):
-        pre = load_pretrained(str(folder))
-        self.config = pre.config
-        self.tokenizer = load_tokenizer(pre.model_dir)
-        parts = StepParts.build(
-            pre, dtype, grad_cache_chunk, attention_kernel, attention_tiling, norm_kernel
-        )
         self.mesh = make_mesh(devices=devices)
-        state = parts.init_state()
-        # No FSDP in these benchmarks: every device holds the whole state.
-        shardings = jax.tree.map(lambda _: replicated(self.mesh), state)
-        self.state = jax.device_put(state, shardings)
-        self._step = parts.jit(self.mesh, shardings)
+        setup, training = build_ours(
+            folder,
+            self.mesh,
+            dtype=dtype,
+            grad_cache_chunk=grad_cache_chunk,
+            attention_kernel=attention_kernel,
+        )
+        self.config = setup.model.encoder.config
+        self.tokenizer = setup.tokenizer
+        # As train.py starts from its init (the mesh's fsdp axis is 1 here: every
+        # device holds the whole state).
+        params = jax.device_put(setup.params, training.shardings.params)
+        self.state = jax.jit(training.make_state, out_shardings=training.shardings)(params)
+        self._step = training.train_step
 
     def device_batch(self, batch: dict, pack_levels: int = 0) -> dict:
         """Puts a host batch on the mesh, rows split over its devices; with
@@ -413,6 +371,7 @@ def measure(args) -> dict:
         **model_kernels(args),
         "full_length": args.full_length,
         "padding": args.padding,
+        "padding_label": padding_label(args.padding, args.max_length),
         "steps": args.steps,
         "warmup": args.warmup,
         "pairs_per_second": args.batch_size / ours_s,
@@ -458,15 +417,13 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def model_kernels(args) -> dict:
     """The kernel options of our model from `add_batch_args`' flags (`OurStep`'s
-    and `StepParts.build`'s keyword arguments, and the JSON's fields)."""
-    return {k: getattr(args, k) for k in ("attention_kernel", "attention_tiling", "norm_kernel")}
+    and `build_ours`' keyword arguments, and the JSON's fields)."""
+    return {k: getattr(args, k) for k in ("attention_kernel",)}
 
 
 def add_batch_args(parser: argparse.ArgumentParser) -> None:
-    """--batch_size, --max_length, --pack_levels, --attention_kernel, --attention_tiling,
-    --norm_kernel,
-    --full_length, --padding: the batch and step settings of our side (bench/step_profile.py
-    shares them)."""
+    """--batch_size, --max_length, --pack_levels, --attention_kernel, --full_length,
+    --padding: the batch and step settings of our side (tools/step_profile.py shares them)."""
     parser.add_argument("--batch_size", type=int, default=64, help="pairs per step")
     parser.add_argument("--max_length", type=int, default=128, help="tokens per text (padded)")
     parser.add_argument(
@@ -482,17 +439,6 @@ def add_batch_args(parser: argparse.ArgumentParser) -> None:
         help="ours: config.model.attention_kernel (auto = fused Pallas kernels on GPUs)",
     )
     parser.add_argument(
-        "--attention_tiling",
-        default="",
-        help='ours: config.model.attention_tiling, e.g. "backward_key_block=64" ("" = defaults)',
-    )
-    parser.add_argument(
-        "--norm_kernel",
-        default="xla",
-        choices=("xla", "pallas"),
-        help="ours: config.model.norm_kernel (pallas = fused residual, dropout and LayerNorm)",
-    )
-    parser.add_argument(
         "--full_length",
         action="store_true",
         help="random ids filling every text to --max_length instead of Debian pairs",
@@ -505,10 +451,20 @@ def add_batch_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def padding_label(padding: str, max_length: int) -> str:
+    """What --padding means for the comparison, for the table."""
+    if padding == "longest":
+        return "each column to its longest text, as sentence-transformers' trainer pads"
+    return f"reference pads to {max_length}, which its trainer never does"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_model_args(parser)
     add_batch_args(parser)
+    # The comparison users meet first: both sides padded as sentence-transformers'
+    # trainer pads (tools/step_profile.py keeps max_length).
+    parser.set_defaults(padding="longest")
     parser.add_argument("--serve", choices=("ours", "reference"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -520,8 +476,16 @@ def main() -> None:
         f"{r['dtype']}, {r['cpu']} ({r['cores']} cores; torch {r['torch_threads']} threads, "
         f"JAX {r['jax_threads']}), median of {r['steps']} alternated steps\n"
     )
-    header = ["dtype", "ours pairs/s", "sentence-transformers pairs/s", "speedup", "ours s/step"]
+    header = [
+        "padding",
+        "dtype",
+        "ours pairs/s",
+        "sentence-transformers pairs/s",
+        "speedup",
+        "ours s/step",
+    ]
     row = [
+        r["padding_label"],
         r["dtype"],
         f"{r['pairs_per_second']:.2f}",
         f"{r['reference_pairs_per_second']:.2f}",

@@ -19,6 +19,8 @@ from ml_collections import config_dict
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
 
+    # Every number below must be finite (nan and inf are refused at start-up).
+
     # ---- Run length, seeds, logging ----
     config.total_steps = 100_000  # optimizer updates; 0 = import-only run (checkpoint the init)
     config.seed = 0  # seeds parameter init, dropout and the data order
@@ -34,7 +36,9 @@ def get_config() -> ml_collections.ConfigDict:
     # ---- Data (see data/README.md) ----
     config.data_folder = "data"  # local path or gs:// bucket; data_config names are relative to it
     config.data_config = "data_config.json"  # the mixture: [{"name", "lines", "weight"}, ...]
-    config.batch_size = 1024  # GLOBAL batch in rows (pairs/triplets), over all devices and hosts
+    # GLOBAL batch in rows (pairs/triplets), over all devices and hosts; a multiple of
+    # data.datasets_per_batch x processes and of the device count (checked at start-up).
+    config.batch_size = 1024
     config.data = ml_collections.ConfigDict(
         dict(
             datasets_per_batch=2,  # groups per global batch, each group from one dataset

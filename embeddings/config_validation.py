@@ -5,15 +5,17 @@ that are out of range or contradict each other, before any data is read or
 model loaded.
 """
 
+import math
+
 import ml_collections
 
-from embeddings.models import POOLING_MODES
+from embeddings.data.pipeline import batch_split_problem
+from embeddings.losses import SIMILARITIES
+from embeddings.models import POOLING_MODES, SUPPORTED_MODEL_TYPES
 from embeddings.models.attention_kernel import parse_tiling
 from embeddings.models.layers import ATTENTION_KERNELS, NORM_KERNELS
 from embeddings.optim import SCHEDULES
 from embeddings.train_step import LOSS_KINDS, SYMMETRIC_CHOICES
-
-MODEL_TYPES = ("bert", "distilbert", "mpnet", "roberta", "xlm-roberta", "modernbert")
 
 
 class ConfigError(ValueError):
@@ -31,8 +33,33 @@ def _positive(key: str, value, *, allow_zero: bool = False) -> None:
         raise ConfigError(f"config.{key}={value!r} must be {bound}.")
 
 
-def validate(config: ml_collections.ConfigDict, *, process_count: int = 1) -> None:
-    """Raises ConfigError on the first invalid or contradictory setting."""
+def _finite(config: ml_collections.ConfigDict, prefix: str = "config.") -> None:
+    """Every float anywhere in the config (tuples included) is a real number: a nan or inf
+    learning rate, scale or share would otherwise "train" on nan losses."""
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            _finite(value, f"{name}.")
+            continue
+        items = enumerate(value) if isinstance(value, tuple | list) else [(None, value)]
+        for index, item in items:
+            if isinstance(item, float) and not math.isfinite(item):
+                where = name if index is None else f"{name}[{index}]"
+                raise ConfigError(f"{where}={item!r} is not a finite number: give a real value.")
+
+
+def validate(
+    config: ml_collections.ConfigDict, *, process_count: int = 1, device_count: int = 1
+) -> None:
+    """Raises ConfigError on the first invalid or contradictory setting.
+
+    Args:
+      config: the training config.
+      process_count: processes of the run (jax.process_count()).
+      device_count: devices of the run, over all processes (jax.device_count()); the
+        global batch is split over all of them.
+    """
+    _finite(config)
     _positive("total_steps", config.total_steps, allow_zero=True)
     _positive("batch_size", config.batch_size)
     for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
@@ -41,13 +68,15 @@ def validate(config: ml_collections.ConfigDict, *, process_count: int = 1) -> No
     _choice("best_mode", config.best_mode, ("max", "min"))
 
     d = config.data
-    groups = d.datasets_per_batch * process_count
-    if config.batch_size % groups:
-        raise ConfigError(
-            f"config.batch_size={config.batch_size} must be divisible by "
-            f"config.data.datasets_per_batch ({d.datasets_per_batch}) x processes "
-            f"({process_count}) = {groups}."
-        )
+    _positive("data.datasets_per_batch", d.datasets_per_batch)
+    problem = batch_split_problem(
+        config.batch_size,
+        datasets_per_batch=d.datasets_per_batch,
+        process_count=process_count,
+        device_count=device_count,
+    )
+    if problem:
+        raise ConfigError(problem)
     for key in ("max_length_anchor", "max_length_document"):
         _positive(f"data.{key}", d[key])
     _positive("data.workers", d.workers, allow_zero=True)
@@ -70,7 +99,7 @@ def validate(config: ml_collections.ConfigDict, *, process_count: int = 1) -> No
     if m.pooling is not None:
         _choice("model.pooling", m.pooling, POOLING_MODES)
     if not m.init:
-        _choice("model.model_type", m.model_type, MODEL_TYPES)
+        _choice("model.model_type", m.model_type, SUPPORTED_MODEL_TYPES)
         if not m.tokenizer:
             raise ConfigError(
                 "config.model.init is empty (random init) and config.model.tokenizer is empty: "
@@ -90,7 +119,7 @@ def validate(config: ml_collections.ConfigDict, *, process_count: int = 1) -> No
 
     loss = config.loss
     _choice("loss.kind", loss.kind, LOSS_KINDS)
-    _choice("loss.similarity", loss.similarity, ("cosine", "dot"))
+    _choice("loss.similarity", loss.similarity, SIMILARITIES)
     _choice("loss.symmetric", loss.symmetric, SYMMETRIC_CHOICES)
     _positive("loss.scale", loss.scale)
     if loss.matryoshka_weights and len(loss.matryoshka_weights) != len(loss.matryoshka_dims):

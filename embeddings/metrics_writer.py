@@ -4,7 +4,8 @@ Only process 0 writes. `WORKDIR/metrics.jsonl` holds one JSON object per
 logged step (`step`, `loss`, `learning_rate`, `grad_norm`, `pairs_per_second`,
 ...) and one per evaluation (`step` and `eval/<name>/<metric>` keys). A resumed
 run appends; entries past the resumed step (written after the checkpoint the
-run went back to) are dropped first, so each step appears once.
+run went back to) are dropped first, so each step appears once, and that
+rewrite replaces the file whole (a crash then leaves the old file or the new).
 """
 
 import json
@@ -14,6 +15,8 @@ import sys
 from absl import logging
 from etils import epath
 from tqdm import tqdm
+
+from embeddings import workdir as workdir_files
 
 CONSOLE_KEYS = (
     ("loss", "loss {:.4f}"),
@@ -49,22 +52,22 @@ class MetricWriter:
         self._tensorboard = None
         if not enabled:
             return
-        self.path = epath.Path(workdir) / "metrics.jsonl"
+        self.path = epath.Path(workdir) / workdir_files.METRICS
         # Object stores (gs://) cannot append: there the whole file is rewritten
         # from these lines at each write (a few thousand short lines at most).
         self._remote = "://" in str(self.path)
         self._lines = []
         if self.path.exists():
             self._lines = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+                json.dumps(record)
+                for record in workdir_files.read_metrics(workdir)
+                if record.get("step", 0) <= resume_step
             ]
-            self.path.write_text("".join(line + "\n" for line in self._lines))
+            workdir_files.write_atomically(self.path, "".join(x + "\n" for x in self._lines))
         try:
             from tensorboardX import SummaryWriter
 
-            self._tensorboard = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
+            self._tensorboard = SummaryWriter(str(epath.Path(workdir) / workdir_files.TENSORBOARD))
         except ImportError:  # TensorBoard is optional; metrics.jsonl is always written
             logging.warning("tensorboardX is not installed: no TensorBoard event files.")
 

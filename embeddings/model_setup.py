@@ -1,25 +1,20 @@
-"""Building the dual encoder a config asks for, and recording it in the workdir.
+"""Building the dual encoder a config asks for.
 
 `build_model` resolves `config.model`: a pretrained init (Hugging Face or
 sentence-transformers folder, or Hub id) or a random init from the sizes, the
 tokenizer, and the sentence settings (pooling, normalisation, max length,
-similarity) — the init's own unless the config overrides them.
-
-`save_model_files` writes what an exporter or evaluator needs besides the
-parameters into `WORKDIR/model/`: the encoder's config.json, the tokenizer, the
-sentence settings and the HF tensors the encoder does not train (e.g. BERT's
-pooler), so `load_model_files` can rebuild the model from a workdir alone.
+similarity) — the init's own unless the config overrides them. The same
+`ModelSetup` is what `embeddings.workdir` saves to and reads back from
+`WORKDIR/model/` (without parameters: those are in the checkpoints).
 """
 
 import dataclasses
-import json
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import transformers
-from etils import epath
 
 from embeddings.dual_encoder import DualEncoder
 from embeddings.models import (
@@ -32,16 +27,17 @@ from embeddings.models import (
 from embeddings.models.attention_kernel import parse_tiling
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-MODEL_FILES = "model"
 
 
 @dataclasses.dataclass
 class ModelSetup:
-    """A dual encoder ready to train.
+    """A dual encoder: what it computes, with what tokenizer, from which weights.
 
     Attributes:
       model: the pure functions (architecture, pooling, towers).
-      params: initial parameters (host arrays), `DualEncoder` layout.
+      params: initial parameters (host arrays), `DualEncoder` layout; None when
+        read from a workdir (`workdir.load_model_files`), whose parameters are
+        in its checkpoints.
       extras: per tower, HF tensors kept verbatim for export.
       tokenizer: the fast tokenizer.
       spec: pooling, normalisation, max length and similarity of the model.
@@ -49,7 +45,7 @@ class ModelSetup:
     """
 
     model: DualEncoder
-    params: dict
+    params: dict | None
     extras: dict[str, dict[str, np.ndarray]]
     tokenizer: object
     spec: SentenceSpec
@@ -130,59 +126,6 @@ def build_model(config: ml_collections.ConfigDict, *, seed: int | None = None) -
                 f"config.model.init={m.init!r}; untied towers must share one architecture."
             )
         params[tower], extras[tower], sources[tower] = loaded.params, loaded.extras, source
-    return ModelSetup(model, params, extras, tokenizer, spec, sources)
-
-
-def save_model_files(setup: ModelSetup, workdir) -> None:
-    """Writes WORKDIR/model/: encoder config, tokenizer, sentence settings, extras."""
-    from safetensors.numpy import save_file
-
-    folder = epath.Path(workdir) / MODEL_FILES
-    folder.mkdir(parents=True, exist_ok=True)
-    description = {
-        "tied": setup.model.tied,
-        "towers": list(setup.model.towers),
-        "sources": setup.sources,
-        "dtype": jnp.dtype(setup.model.encoder.dtype).name,
-        "encoder_config": setup.model.encoder.config.to_hf(),
-        "spec": dataclasses.asdict(setup.spec),
-    }
-    (folder / "model.json").write_text(json.dumps(description, indent=2))
-    setup.tokenizer.save_pretrained(str(folder / "tokenizer"))
-    for tower, tensors in setup.extras.items():
-        if tensors:
-            save_file(dict(tensors), str(folder / f"extras_{tower}.safetensors"))
-
-
-@dataclasses.dataclass
-class ModelFiles:
-    """What `load_model_files` reads back from a workdir."""
-
-    model: DualEncoder
-    tokenizer: object
-    extras: dict[str, dict[str, np.ndarray]]
-    spec: SentenceSpec
-    sources: dict[str, str]
-
-
-def load_model_files(workdir, *, dtype: str | None = None) -> ModelFiles:
-    """Rebuilds the model description saved by `save_model_files`."""
-    from safetensors.numpy import load_file
-
-    folder = epath.Path(workdir) / MODEL_FILES
-    if not (folder / "model.json").exists():
-        raise FileNotFoundError(
-            f"{folder / 'model.json'} is missing: {workdir} is not a training workdir "
-            "(train.py writes it when a run starts)."
-        )
-    description = json.loads((folder / "model.json").read_text())
-    spec = SentenceSpec(**description["spec"])
-    encoder_config = EncoderConfig.from_hf(description["encoder_config"])
-    dtype = DTYPES[dtype or description["dtype"]]
-    model = DualEncoder(SentenceEncoder(encoder_config, spec, dtype=dtype), description["tied"])
-    extras = {}
-    for tower in description["towers"]:
-        path = folder / f"extras_{tower}.safetensors"
-        extras[tower] = load_file(str(path)) if path.exists() else {}
-    tokenizer = load_tokenizer(folder / "tokenizer")
-    return ModelFiles(model, tokenizer, extras, spec, description["sources"])
+    return ModelSetup(
+        model=model, params=params, extras=extras, tokenizer=tokenizer, spec=spec, sources=sources
+    )

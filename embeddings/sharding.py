@@ -4,10 +4,11 @@ Two mesh axes: `data` splits the batch, `fsdp` splits the batch too *and* the
 parameters (fully sharded data parallelism). The batch is split over both axes,
 so every device sees a different slice of rows; a parameter is split over
 `fsdp` along its largest divisible dimension and replicated over `data`.
-Computation is written on global arrays; XLA inserts the collectives.
+Computation is written on global arrays; XLA inserts the collectives. How each
+process's rows become a global batch is `embeddings.host_batch`.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -76,15 +77,3 @@ def param_sharding(shape: Sequence[int], mesh: Mesh) -> NamedSharding:
 def tree_shardings(tree, mesh: Mesh):
     """Shardings for every array of a (possibly abstract) pytree, by the FSDP rule."""
     return jax.tree.map(lambda x: param_sharding(np.shape(x), mesh), tree)
-
-
-def global_batch(local_batch: Mapping, mesh: Mesh) -> dict:
-    """Assembles each process's share of a batch into global arrays on the mesh.
-
-    Every process passes its own rows (numpy); the result is one array per leaf
-    whose first dimension is the global batch, split over the mesh.
-    """
-    sharding = batch_sharding(mesh)
-    return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
-    )

@@ -1,36 +1,40 @@
 """The training program: config in, checkpoints, metrics and an exportable model out.
 
-`train_and_evaluate` reads top to bottom in stages: processes and workdir →
-mesh → model → input pipeline → optimizer and sharded state → restore →
-evaluators → loop. Resume order: a checkpoint in the workdir, then
-`config.resume_from`, then the pretrained (or random) init.
+`train_and_evaluate` reads top to bottom in stages: processes → mesh → model
+→ evaluators → input pipeline → optimizer and sharded state → restore → run
+files → loop. Resume order: a checkpoint in the workdir, then
+`config.resume_from`, then the pretrained (or random) init. Nothing is written
+to the workdir before every start-up check has passed.
 """
 
-import json
 import signal
 import sys
 import time
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from embeddings import flops
-from embeddings.checkpointing import Checkpointer, restore_from_path
+from embeddings import flops, host_batch
+from embeddings.checkpointing import Checkpointer, StateMismatchError, restore_from_path
 from embeddings.config_validation import validate
 from embeddings.data import build_pipeline
 from embeddings.evaluation import build_evaluators
 from embeddings.metrics_writer import MetricWriter
-from embeddings.model_setup import build_model, save_model_files
-from embeddings.models import packing
-from embeddings.optim import make_optimizer
-from embeddings.sharding import global_batch, make_mesh, replicated, tree_shardings
-from embeddings.train_step import TrainState, init_state, make_train_step
-
-HOST_ONLY_KEYS = ("dataset_index",)  # batch fields used for statistics, never sent to devices
+from embeddings.model_setup import build_model
+from embeddings.sharding import make_mesh
+from embeddings.step_setup import build_training
+from embeddings.train_step import TrainState
+from embeddings.workdir import (
+    CHECKPOINTS,
+    CONFIG,
+    config_differences,
+    read_metrics,
+    save_model_files,
+    write_run_files,
+)
 
 
 class Throughput:
@@ -64,6 +68,25 @@ class Throughput:
         return rates
 
 
+EXIT_STOPPED_EARLY = 75  # train.py's exit status after a SIGTERM (EX_TEMPFAIL: run it again)
+
+
+class StoppedEarly(Exception):
+    """Training stopped before `total_steps` on a SIGTERM, after saving a checkpoint.
+
+    Not a failure: the same command resumes the run. train.py exits with
+    `EXIT_STOPPED_EARLY`, so a launcher can tell a preemption from the end.
+    """
+
+    def __init__(self, step: int, workdir):
+        self.step = step
+        super().__init__(
+            f"Stopped early at step {step} (SIGTERM or a preemption notice); the checkpoint is "
+            f"saved in {workdir}. "
+            "Run the same command again to resume."
+        )
+
+
 class _StopSignal:
     """Remembers a SIGTERM (preemption) so the loop can checkpoint and exit."""
 
@@ -84,81 +107,6 @@ class _StopSignal:
 
     def restore(self):
         signal.signal(signal.SIGTERM, self._previous)
-
-
-def state_shardings(abstract_state: TrainState, mesh):
-    """Parameters and optimizer moments by the FSDP rule; counters replicated."""
-    return TrainState(
-        step=replicated(mesh),
-        params=tree_shardings(abstract_state.params, mesh),
-        opt_state=tree_shardings(abstract_state.opt_state, mesh),
-        rng=replicated(mesh),
-        skipped=replicated(mesh),
-    )
-
-
-def _agree_shapes(batch: dict, groups: int, pack_levels: int) -> dict:
-    """Gives every process's share of a batch the same shapes; adds token indices.
-
-    Processes pick their padded lengths from their own rows; global arrays need
-    one shape, so every column is padded to the longest length any process
-    chose. With `pack_levels`, each column also gets its token index
-    (`packing.token_index`, one row group per device) at a capacity that holds
-    the fullest group of any process. One all-gather of 2 x columns integers.
-
-    Args:
-      batch: this process's rows (numpy).
-      groups: devices the global batch is split over (this process holds
-        groups / process_count of them).
-      pack_levels: `config.model.pack_levels`; 0 adds no token index.
-    """
-    masks = batch["attention_mask"]
-    local_groups = groups // jax.process_count()
-    most_real = [
-        int(packing.group_real_counts(m, local_groups).max()) if pack_levels else 0 for m in masks
-    ]
-    shape = np.array([m.shape[1] for m in masks] + most_real, np.int32)
-    if jax.process_count() > 1:
-        shape = np.max(multihost_utils.process_allgather(shape), axis=0)
-    lengths, most_real = shape[: len(masks)], shape[len(masks) :]
-    pad = lambda x, n: np.pad(x, ((0, 0), (0, n - x.shape[1])))
-    batch = dict(
-        batch,
-        input_ids=tuple(pad(x, n) for x, n in zip(batch["input_ids"], lengths, strict=True)),
-        attention_mask=tuple(pad(x, n) for x, n in zip(masks, lengths, strict=True)),
-    )
-    if pack_levels:
-        batch["token_index"] = packing.batch_token_index(
-            batch["attention_mask"], local_groups, pack_levels, most_real
-        )
-    return batch
-
-
-def pipeline_state(pipeline) -> dict:
-    """The input position of every process, for the checkpoint.
-
-    Each process reads its own lines, so its position differs; the checkpoint
-    (written by process 0) holds all of them and each process restores its own.
-    """
-    state = pipeline.get_state()
-    if jax.process_count() == 1:
-        return state
-    raw = np.frombuffer(json.dumps(state).encode(), np.uint8)
-    sizes = multihost_utils.process_allgather(np.array([raw.size], np.int32)).reshape(-1)
-    padded = np.zeros(int(sizes.max()), np.uint8)
-    padded[: raw.size] = raw
-    everyone = multihost_utils.process_allgather(padded)
-    return {
-        "processes": [
-            json.loads(bytes(row[:size]).decode())
-            for row, size in zip(everyone, sizes, strict=True)
-        ]
-    }
-
-
-def _device_batch(local: dict, mesh, pack_levels: int) -> dict:
-    local = {k: v for k, v in local.items() if k not in HOST_ONLY_KEYS}
-    return global_batch(_agree_shapes(local, mesh.size, pack_levels), mesh)
 
 
 def make_encode_fn(model, params, tokenizer, config: ml_collections.ConfigDict):
@@ -184,21 +132,45 @@ def evaluate(evaluators, encode) -> dict[str, float]:
     return results
 
 
-def _write_run_files(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
-    """The resolved config and the data mixture, next to the checkpoints."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    source = epath.Path(config.data_config)
-    if source.exists():
-        (workdir / "data_config.json").write_text(source.read_text())
+def _open_checkpointer(config: ml_collections.ConfigDict, workdir: epath.Path) -> Checkpointer:
+    return Checkpointer(
+        workdir,
+        keep=config.keep_checkpoints,
+        best_metric=config.best_metric,
+        best_mode=config.best_mode,
+    )
+
+
+def _restore_latest(checkpointer: Checkpointer, abstract, config, workdir: epath.Path):
+    """The workdir's newest readable checkpoint, or None; refuses one of another config."""
+    try:
+        return checkpointer.restore_latest(abstract)
+    except StateMismatchError as e:
+        changed = config_differences(workdir, config)
+        saved = workdir / CONFIG
+        settings = f"{saved} shows no differing setting"
+        if changed:
+            settings = f"Settings that differ from the run's saved config {saved}: " + "; ".join(
+                changed
+            )
+        raise ValueError(
+            f"Refusing to start: {e.path} is a readable checkpoint of this workdir, but the "
+            f"config builds other arrays ({'; '.join(e.differences)}). {settings}. Nothing in "
+            f"{workdir} was changed: rerun with the saved settings to resume, or use another "
+            "--workdir for a new run."
+        ) from None
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-    """Trains, evaluates and checkpoints as `config` says; returns the final state."""
-    # ---- Processes and workdir ----
+    """Trains, evaluates and checkpoints as `config` says; returns the final state.
+
+    Every start-up check (config, model, data, the checkpoint to resume) runs
+    before anything is written, so a refused start leaves the workdir as it was.
+    """
+    # ---- Processes ----
     workdir = epath.Path(workdir)
     process_index, process_count = jax.process_index(), jax.process_count()
-    validate(config, process_count=process_count)
+    validate(config, process_count=process_count, device_count=jax.device_count())
     logging.info(
         "Process %d of %d; %d local devices, %d in all (%s).",
         process_index,
@@ -207,8 +179,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         jax.device_count(),
         jax.devices()[0].device_kind,
     )
-    if process_index == 0:
-        _write_run_files(config, workdir)
 
     # ---- Mesh ----
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
@@ -217,8 +187,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # ---- Model ----
     setup = build_model(config)
     model = setup.model
-    if process_index == 0:
-        save_model_files(setup, workdir)
+
+    # ---- Evaluators ----
+    evaluators = build_evaluators(config.eval, similarity=config.loss.similarity)
 
     # ---- Input pipeline ----
     pipeline = build_pipeline(
@@ -226,45 +197,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     )
 
     # ---- Optimizer and sharded state ----
-    optimizer, schedule = make_optimizer(config, config.total_steps)
-    make_state = lambda params: init_state(params, optimizer, config.seed)
-    abstract = jax.eval_shape(make_state, setup.params)
-    shardings = state_shardings(abstract, mesh)
-    abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
-    )
+    training = build_training(config, model, setup.params, mesh)
+    abstract, shardings = training.abstract_state, training.shardings
 
     # ---- Restore: workdir checkpoint -> resume_from -> init ----
-    checkpointer = Checkpointer(
-        workdir,
-        keep=config.keep_checkpoints,
-        best_metric=config.best_metric,
-        best_mode=config.best_mode,
-    )
-    restored = checkpointer.restore_latest(abstract)
-    if restored is not None:
-        state, data_state, _ = restored
-        pipeline.set_state(data_state)
-        logging.info("Resumed from %s at step %d.", workdir / "checkpoints", int(state.step))
-    elif config.resume_from:
-        state, data_state = restore_from_path(config.resume_from, abstract)
-        pipeline.set_state(data_state)
-        logging.info("Started from %s at step %d.", config.resume_from, int(state.step))
-    else:
-        params = jax.device_put(setup.params, shardings.params)
-        state = jax.jit(make_state, out_shardings=shardings)(params)
+    checkpointer, restored = None, None
+    try:
+        if (workdir / CHECKPOINTS).exists():  # opening it in a new workdir would create it
+            checkpointer = _open_checkpointer(config, workdir)
+            restored = _restore_latest(checkpointer, abstract, config, workdir)
+        if restored is not None:
+            state, data_state, _ = restored
+            pipeline.set_state(data_state)
+            logging.info("Resumed from %s at step %d.", workdir / CHECKPOINTS, int(state.step))
+        elif config.resume_from:
+            state, data_state = restore_from_path(config.resume_from, abstract)
+            pipeline.set_state(data_state)
+            logging.info("Started from %s at step %d.", config.resume_from, int(state.step))
+        else:
+            params = jax.device_put(setup.params, shardings.params)
+            state = jax.jit(training.make_state, out_shardings=shardings)(params)
+    except BaseException:
+        if checkpointer is not None:
+            checkpointer.close()
+        pipeline.close()
+        raise
     start_step = int(state.step)
 
-    # ---- Update step, evaluators, writers ----
-    train_step = make_train_step(
-        model=model,
-        optimizer=optimizer,
-        schedule=schedule,
-        config=config,
-        mesh=mesh,
-        state_shardings=shardings,
-    )
-    evaluators = build_evaluators(config.eval, similarity=config.loss.similarity)
+    # ---- Run files: only now, when they describe the run that continues ----
+    if process_index == 0:
+        write_run_files(workdir, config)
+        save_model_files(setup, workdir)
+    checkpointer = checkpointer or _open_checkpointer(config, workdir)
+
+    # ---- Update step, writers ----
+    train_step = training.train_step
     writer = MetricWriter(workdir, enabled=process_index == 0, resume_step=start_step)
     stop = _StopSignal()
 
@@ -283,15 +250,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # GradCache chunks rows across devices, so its batches stay padded.
     pack_levels = 0 if config.grad_cache_chunk else config.model.pack_levels
     step = start_step
-    batches = iter(pipeline)
+    batches = iter(pipeline)  # this process's rows of each global batch (numpy)
     throughput = Throughput(config.batch_size, flops.peak_flops())
     progress = writer.progress_bar(config.total_steps, start_step)
     run_start = time.perf_counter()
     try:
         while step < config.total_steps:
             local = next(batches)
-            batch = _device_batch(local, mesh, pack_levels)
-            state, metrics = train_step(state, batch)
+            # The step's one exchange between hosts: agreeing on the batch's shapes.
+            shapes = host_batch.agree_shapes(local, mesh.size, pack_levels)
+            state, metrics = train_step(state, host_batch.device_batch(local, shapes, mesh))
             step += 1
             progress.update(1)
             if step == start_step + 1:  # the first step compiles: leave it out of the rates
@@ -315,17 +283,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 if rates:
                     eta = (config.total_steps - step) / rates["steps_per_second"]
                 writer.write(step, {**metrics, **rates}, eta_seconds=eta)
+            results = {}
             if (config.eval_every and step % config.eval_every == 0) or last:
                 results = run_eval(step)
-                checkpointer.save_if_best(step, state, pipeline_state(pipeline), results)
             stopping = stop.should_stop(step)
-            if step % config.checkpoint_every == 0 or last or stopping:
-                checkpointer.save(step, state, pipeline_state(pipeline))
+            saving = step % config.checkpoint_every == 0 or last or stopping
+            if results or saving:
+                # An all-gather between hosts: once per step, for both saves.
+                data_state = host_batch.pipeline_state(pipeline)
+                if results:
+                    checkpointer.save_if_best(step, state, data_state, results)
+                if saving:
+                    checkpointer.save(step, state, data_state)
             if stopping:
-                logging.warning("Stopped at step %d; checkpoint saved in %s.", step, workdir)
                 break
         if config.total_steps == 0:  # import-only run: the export reproduces the init
-            checkpointer.save(0, state, pipeline_state(pipeline))
+            checkpointer.save(0, state, host_batch.pipeline_state(pipeline))
     finally:
         progress.close()
         checkpointer.wait()
@@ -333,6 +306,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         writer.close()
         pipeline.close()
         stop.restore()
+    if step < config.total_steps:  # only a stop signal ends the loop early
+        raise StoppedEarly(step, workdir)
     if process_index == 0 and step > start_step:
         total = time.perf_counter() - run_start
         print(f"Trained steps {start_step}..{step} in {total:.1f} s; workdir {workdir}", flush=True)
@@ -352,9 +327,3 @@ def print_eval_summary(records: list[dict]) -> None:
         change = last[key] - first[key]
         print(f"| {key} | {first[key]:.4f} | {last[key]:.4f} | {change:+.4f} |")
     sys.stdout.flush()
-
-
-def read_metrics(workdir) -> list[dict]:
-    """The records of WORKDIR/metrics.jsonl (for tests and scripts)."""
-    path = epath.Path(workdir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -57,7 +57,7 @@ def load_encode_fn(path: str, batch_size: int) -> tuple[EncodeFn, str]:
     folder = epath.Path(path)
     if any((folder / marker).exists() for marker in _WORKDIR_MARKERS):
         from embeddings.checkpointing import find_checkpoint, restore_params
-        from embeddings.model_setup import load_model_files
+        from embeddings.workdir import load_model_files
 
         checkpoint = find_checkpoint(folder)
         files = load_model_files(checkpoint.parent.parent)

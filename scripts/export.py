@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from absl import app, flags
 
-from embeddings.export_run import export_run
+from embeddings.export.run import export_run
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir, or a checkpoint step folder.")
 _OUTPUT = flags.DEFINE_string("output", None, "Folder to write the sentence-transformers model to.")

@@ -7,7 +7,8 @@ Runs the real input pipeline (readers, mixer, tokenizer; no model) for a few
 batches and prints, per dataset, its configured weight and expected share of
 groups next to the realised share of groups and of examples; then the
 duplicates skipped, malformed lines (with file:line samples) and the share of
-padding tokens per padded length. With --json the last line is one JSON object:
+padding tokens per padded length. Settings not given default to the training
+config's (configs/default.py). With --json the last line is one JSON object:
 {"datasets": [{"name", "weight", "expected_share", "example_share",
 "group_share", ...}, ...], "duplicates_skipped", "bad_lines", "padding_share",
 ...}.
@@ -23,12 +24,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone, no install
 
+from configs import default as default_config
 from embeddings.data import DataConfigError, InputPipeline, MalformedDataError, MixerError
 
 DEFAULT_TOKENIZER = Path(__file__).resolve().parents[1] / "data" / "tokenizers" / "bert-uncased"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    config = default_config.get_config()  # the defaults are the training config's
+    data = config.data
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data_config", required=True, help="data_config.json to preview")
     parser.add_argument("--data_folder", required=True, help="folder the config's names are under")
@@ -36,16 +40,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, required=True, help="global batch size (rows)")
     parser.add_argument("--json", action="store_true", help="last line: one JSON object")
     parser.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER), help="tokenizer folder")
-    parser.add_argument("--datasets_per_batch", type=int, default=2, help="groups per batch")
-    parser.add_argument("--max_length_anchor", type=int, default=128, help="column 0 token limit")
-    parser.add_argument("--max_length_document", type=int, default=128, help="other columns' limit")
     parser.add_argument(
-        "--buckets", default="32,64,128", help="padded lengths, comma-separated; '' = max length"
+        "--datasets_per_batch", type=int, default=data.datasets_per_batch, help="groups per batch"
     )
-    parser.add_argument("--shuffle_buffer", type=int, default=100_000, help="lines per chunk")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the mixture and shuffles")
     parser.add_argument(
-        "--max_bad_line_share", type=float, default=0.01, help="stop above this malformed share"
+        "--max_length_anchor", type=int, default=data.max_length_anchor, help="column 0 limit"
+    )
+    parser.add_argument(
+        "--max_length_document",
+        type=int,
+        default=data.max_length_document,
+        help="other columns' limit",
+    )
+    parser.add_argument(
+        "--buckets",
+        default=",".join(map(str, data.buckets)),
+        help="padded lengths, comma-separated; '' = max length",
+    )
+    parser.add_argument(
+        "--shuffle_buffer", type=int, default=data.shuffle_buffer, help="lines per chunk"
+    )
+    parser.add_argument("--seed", type=int, default=config.seed, help="seed of the mixture")
+    parser.add_argument(
+        "--max_bad_line_share",
+        type=float,
+        default=data.max_bad_line_share,
+        help="stop above this malformed share",
     )
     return parser.parse_args(argv)
 

@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from embeddings.host_batch import batch_token_index
 from embeddings.models.config import EncoderConfig
-from embeddings.models.packing import batch_token_index
 from embeddings.models.sentence_encoder import SentenceEncoder, SentenceSpec
 
 

@@ -118,7 +118,7 @@ def test_processes_together_make_the_global_batch(tmp_path, processes):
 
 def test_batch_size_must_split_into_groups_and_processes(tmp_path):
     datasets = [(synthetic_rows(0, 10), 1, {})]
-    with pytest.raises(ValueError, match=r"batch_size 12 is not divisible by .* = 8"):
+    with pytest.raises(ValueError, match=r"config\.batch_size=12 is not divisible by 8"):
         make_pipeline(tmp_path, datasets, batch_size=12, process_index=1, process_count=4)
 
 

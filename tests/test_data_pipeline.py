@@ -20,7 +20,7 @@ from test_data_support import (
     write_lines,
 )
 
-from embeddings.data import MalformedDataError, build_pipeline, text_hash
+from embeddings.data import InputPipeline, MalformedDataError, build_pipeline, text_hash
 from embeddings.data.tokenize import BatchTokenizer, Collator
 
 
@@ -132,6 +132,42 @@ def test_long_texts_are_cut_exactly_with_byte_level_bpe():
     bpe.enable_truncation(24)
     expected = [bpe.encode(t).ids for t in texts]
     assert BatchTokenizer(bpe).encode(texts, 24) == expected
+
+
+class _Recording:
+    """Stands in for BatchTokenizer's Rust tokenizer and records what it is given."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.lengths = tokenizer, []
+
+    def encode_batch_fast(self, texts):
+        self.lengths += [len(t) for t in texts]
+        return self.tokenizer.encode_batch_fast(texts)
+
+
+def texts_without_whitespace(size: int) -> list[str]:
+    """Texts of about `size` characters with no ASCII whitespace, and two ordinary texts."""
+    rng = np.random.default_rng(size)
+    cjk = "".join(chr(c) for c in rng.integers(0x4E00, 0x9FFF, size))  # one char, one token
+    blob = "".join(rng.choice(list("abcdef0123456789+/"), size))  # base64-like: one word
+    dotted = ".".join(["x" * 50] * (size // 51))  # words split by punctuation only
+    return [cjk, blob, dotted, "a short text", "words " * 2000]
+
+
+@pytest.mark.parametrize("limit", [8, 128])
+def test_a_huge_text_without_whitespace_is_cut_by_characters(limit):
+    tokenizer = bert_tokenizer()
+    batch_tokenizer = BatchTokenizer(tokenizer)
+    batch_tokenizer.encode(["warm up"], limit)
+    recording = _Recording(batch_tokenizer._by_limit[limit])
+    batch_tokenizer._by_limit[limit] = recording
+    batch_tokenizer.encode(texts_without_whitespace(10_000_000), limit)  # 10 MB texts
+    assert max(recording.lengths) <= 64 * limit  # bounded, whatever the text's size
+    # The tokens are those of the whole text: the reference tokenizes it whole (on
+    # 200 kB texts, which the cut handles the same way as 10 MB ones).
+    texts = texts_without_whitespace(200_000)
+    expected = [tokenizer(t, truncation=True, max_length=limit)["input_ids"] for t in texts]
+    assert batch_tokenizer.encode(texts, limit) == expected
 
 
 def test_text_hash_is_stable_across_processes(tmp_path):
@@ -366,6 +402,57 @@ def test_a_failure_in_the_thread_reaches_the_caller(tmp_path):
             next(pipeline)
     assert f"{path}:26: invalid JSON" in str(error.value)
     assert "max_bad_line_share=0.0" in str(error.value)
+
+
+def test_a_truncated_gzip_file_stops_the_run_naming_it(tmp_path):
+    import gzip
+
+    path = write_lines(tmp_path / "cut.jsonl.gz", synthetic_rows(0, 1000))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    config = [{"name": "cut.jsonl.gz", "weight": 1}]
+    with (
+        InputPipeline(
+            data_config=config,
+            data_folder=tmp_path,
+            tokenizer=bert_tokenizer(),
+            batch_size=8,
+            buckets=(),
+            max_length_anchor=16,
+            max_length_document=16,
+            shuffle_buffer=100,
+        ) as pipeline,
+        pytest.raises(MalformedDataError) as error,
+    ):
+        for _ in range(1000):
+            next(pipeline)
+    with gzip.open(path) as f, pytest.raises(EOFError):
+        f.read()  # the file really is cut
+    assert f"{path}: the gzip data ends early, after line" in str(error.value)
+
+
+def test_invalid_utf8_in_a_tsv_counts_as_a_bad_line(tmp_path):
+    rows = [f"q{i} text\tpassage {i}".encode() for i in range(200)]
+    rows[50] = b"q50 caf\xe9\tlatin-1, not UTF-8"
+    (tmp_path / "p.tsv").write_bytes(b"q\tp\n" + b"\n".join(rows) + b"\n")
+    config = [{"name": "p.tsv", "weight": 1, "fields": ["q", "p"]}]
+    with InputPipeline(
+        data_config=config,
+        data_folder=tmp_path,
+        tokenizer=bert_tokenizer(),
+        batch_size=8,
+        buckets=(),
+        max_length_anchor=16,
+        max_length_document=16,
+        shuffle_buffer=1000,
+    ) as pipeline:
+        for _ in range(30):
+            next(pipeline)
+        (stats,) = pipeline.stats()["datasets"]
+    assert stats["bad_lines"] == 1 and stats["lines_checked"] == 200
+    assert stats["bad_line_samples"] == [
+        f"{tmp_path / 'p.tsv'}:52: invalid UTF-8 (byte 0xe9) in column 0 ('q')"
+    ]
 
 
 def test_stats(tmp_path):

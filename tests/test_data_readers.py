@@ -83,8 +83,9 @@ def test_margin_rows(tmp_path):
     layout, good, bad = read_all(tmp_path, {"name": "m.jsonl", "weight": 1, "kind": "margin"})
     assert layout == Layout("margin", 3)
     assert good[0] == (("q", "p", "n"), 1.5, 1)
-    assert len(good) == 1 and "expected an object" not in bad[0]
-    assert "m.jsonl:3: margin 'x' is not a number" in bad[1]
+    # A "texts" row in a file of list rows is read too (issue 17.13).
+    assert good[1] == (("q2", "p2", "n2"), -2.0, 2) and len(good) == 2
+    assert len(bad) == 1 and "m.jsonl:3: margin 'x' is not a number" in bad[0]
     _, good, _ = read_all(tmp_path, {"name": "d.jsonl", "weight": 1, "kind": "margin"})
     assert good == [(("q", "p", "n"), 0.25, 1)]
 
@@ -125,15 +126,15 @@ def test_bad_rows_are_reported(tmp_path):
         ],
     )
     _, good, bad = read_all(tmp_path, {"name": "b.jsonl", "weight": 1})
-    assert [g[2] for g in good] == [1, 8]
+    # Line 7, a "texts" row among list rows, is good (issue 17.13).
+    assert [g[2] for g in good] == [1, 7, 8]
     path = tmp_path / "b.jsonl"
-    assert [b.split(": ", 1)[0] for b in bad] == [f"{path}:{i}" for i in (2, 3, 4, 5, 6, 7)]
+    assert [b.split(": ", 1)[0] for b in bad] == [f"{path}:{i}" for i in (2, 3, 4, 5, 6)]
     assert "invalid JSON" in bad[0]
     assert "3 columns, expected 2" in bad[1]
     assert "column 1 is int" in bad[2]
     assert "column 1 is empty" in bad[3]
     assert "empty line" in bad[4]
-    assert "expected a JSON list" in bad[5]
 
 
 def test_no_valid_row_at_the_top_is_a_startup_error(tmp_path):
@@ -176,3 +177,87 @@ def test_bad_lines_are_logged_with_file_and_line(tmp_path, caplog):
         tracker.add(10, ["f.jsonl:3: invalid JSON", "f.jsonl:7: column 1 is empty"], True)
     assert "f.jsonl:3: invalid JSON" in caplog.text and "2 malformed line(s) of 10" in caplog.text
     assert tracker.samples == ["f.jsonl:3: invalid JSON", "f.jsonl:7: column 1 is empty"]
+
+
+def test_a_gz_name_on_a_plain_file_names_the_file_and_the_entry(tmp_path):
+    (tmp_path / "plain.jsonl.gz").write_text('["q", "p"]\n')
+    (tmp_path / "plain.tsv.gz").write_text("q\tp\nq1\tp1\n")
+    with pytest.raises(DataConfigError) as error:
+        read_all(tmp_path, {"name": "plain.jsonl.gz", "weight": 1})
+    message = str(error.value)
+    assert str(tmp_path / "plain.jsonl.gz") in message and "not a gzip file" in message
+    assert "entry 0 ('plain.jsonl.gz')" in message
+    with pytest.raises(DataConfigError) as error:  # TSV reads its header when the source opens
+        read_all(tmp_path, {"name": "plain.tsv.gz", "weight": 1, "fields": ["q", "p"]})
+    assert str(tmp_path / "plain.tsv.gz") in str(error.value)
+    assert "entry 0 ('plain.tsv.gz')" in str(error.value)
+
+
+def complete_lines_of_truncated_gzip(data: bytes) -> int:
+    """Lines that a reader can recover from a cut gzip stream (zlib, independent of the code)."""
+    import zlib
+
+    return zlib.decompressobj(wbits=31).decompress(data).count(b"\n")
+
+
+@pytest.mark.parametrize("name, fields", [("cut.jsonl.gz", None), ("cut.tsv.gz", ["q", "p"])])
+def test_a_truncated_gzip_file_stops_with_the_file_and_the_line_reached(tmp_path, name, fields):
+    from embeddings.data import MalformedDataError
+
+    path = tmp_path / name
+    if name.endswith(".tsv.gz"):
+        with gzip.open(path, "wt") as f:
+            f.write("q\tp\n" + "".join(f"query {i} {i * i}\tpassage {i}\n" for i in range(5000)))
+    else:
+        write_lines(path, [[f"query {i} {i * i}", f"passage {i}"] for i in range(5000)])
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    complete = complete_lines_of_truncated_gzip(data[: len(data) // 2])
+    assert 100 < complete < 5000
+    entry = {"name": name, "weight": 1} | ({"fields": fields} if fields else {})
+    with pytest.raises(MalformedDataError) as error:
+        read_all(tmp_path, entry)  # start-up sees the good top; reading on finds the cut
+    message = str(error.value)
+    assert str(path) in message and "truncated" in message
+    assert f"after line {complete}" in message  # physical lines, the header included
+
+
+@pytest.mark.parametrize("name, delimiter", [("u.tsv", "\t"), ("u.csv", ",")])
+def test_invalid_utf8_in_tsv_and_csv_is_a_bad_line(tmp_path, name, delimiter):
+    lines = [b"q", b"d"], [b"one", b"first"], [b"bad \xff byte", b"x"], [b"two", b"caf\xc3\xa9"]
+    (tmp_path / name).write_bytes(b"".join(delimiter.encode().join(x) + b"\n" for x in lines))
+    _, good, bad = read_all(tmp_path, {"name": name, "weight": 1, "fields": ["q", "d"]})
+    assert good == [(("one", "first"), None, 2), (("two", "café"), None, 4)]
+    assert len(bad) == 1 and bad[0].startswith(f"{tmp_path / name}:3: ")
+    assert "invalid UTF-8" in bad[0] and "column 0" in bad[0]
+
+
+def test_list_rows_and_texts_rows_mix_in_one_file(tmp_path):
+    # The original training script read either shape on any line of a file.
+    write_lines(tmp_path / "m.jsonl", [["q1", "p1"], {"texts": ["q2", "p2"]}, ["q3", "p3"]])
+    write_lines(tmp_path / "t.jsonl", [{"texts": ["q1", "p1"]}, ["q2", "p2"]])
+    expected = {
+        "m.jsonl": [("q1", "p1"), ("q2", "p2"), ("q3", "p3")],
+        "t.jsonl": [("q1", "p1"), ("q2", "p2")],
+    }
+    for name, texts in expected.items():
+        layout, good, bad = read_all(tmp_path, {"name": name, "weight": 1})
+        assert layout == Layout("contrastive", 2) and bad == []
+        assert [t for t, _, _ in good] == texts
+
+
+def test_a_conflicting_layout_says_which_line_fixed_it(tmp_path):
+    write_lines(
+        tmp_path / "c.jsonl",
+        ["{broken", ["q", "p"], {"texts": ["a", "b", "c"]}, {"query": "q", "pos": "p"}],
+    )
+    write_lines(tmp_path / "n.jsonl", [{"query": "q", "pos": "p"}, ["q", "p"]])
+    _, good, bad = read_all(tmp_path, {"name": "c.jsonl", "weight": 1})
+    assert [line for _, _, line in good] == [2]
+    assert len(bad) == 3
+    for reason in bad[1:]:
+        assert "fixed from line 2 of this file" in reason  # line 1 is not a valid row
+    assert "3 columns, expected 2" in bad[1]
+    _, good, bad = read_all(tmp_path, {"name": "n.jsonl", "weight": 1})
+    assert len(good) == 1 and len(bad) == 1
+    assert "fixed from line 1 of this file" in bad[0] and "['query', 'pos']" in bad[0]

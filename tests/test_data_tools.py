@@ -54,6 +54,33 @@ def test_inspect_data_on_the_bundled_data():
     assert 0 < summary["padding_share"] < 1
 
 
+def test_inspect_data_and_the_pipeline_default_to_the_training_config(monkeypatch):
+    import inspect
+
+    from configs import default
+    from embeddings.data import InputPipeline
+
+    config = default.get_config()
+    config.data.datasets_per_batch = 5  # a changed default reaches both
+    config.data.buckets = (16, 48)
+    config.seed = 7
+    monkeypatch.setattr(default, "get_config", lambda: config)
+    args = load_script("scripts/inspect_data.py").parse_args(
+        ["--data_config=x", "--data_folder=y", "--num_batches=1", "--batch_size=8"]
+    )
+    assert (args.datasets_per_batch, args.buckets, args.seed) == (5, "16,48", 7)
+    for key in ("max_length_anchor", "max_length_document", "shuffle_buffer"):
+        assert getattr(args, key) == config.data[key]
+    assert args.max_bad_line_share == config.data.max_bad_line_share
+    # The library's defaults are read once, at import, from the unchanged file.
+    parameters = inspect.signature(InputPipeline).parameters
+    monkeypatch.undo()
+    shipped = default.get_config()
+    for key, value in shipped.data.items():
+        assert parameters[key].default == value, key
+    assert parameters["seed"].default == shipped.seed
+
+
 def test_inspect_data_reports_bad_lines_and_config_errors(tmp_path, capsys):
     inspect_data = load_script("scripts/inspect_data.py")
     rows = [[f"q{i}", f"p{i}"] for i in range(30)]

@@ -5,7 +5,9 @@ give the JAX model's embeddings and the configured similarity function.
 """
 
 import json
+import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -16,12 +18,12 @@ from safetensors.numpy import load_file
 from sentence_transformers import SentenceTransformer
 
 from configs import tiny
-from embeddings import export as export_lib
 from embeddings.checkpointing import find_checkpoint, restore_params
-from embeddings.export_run import export_run
-from embeddings.hub import HubUploadError, push_to_hub
-from embeddings.model_setup import load_model_files
+from embeddings.export import folder as export_folder
+from embeddings.export.hub import HubUploadError, push_to_hub
+from embeddings.export.run import export_run
 from embeddings.trainer import train_and_evaluate
+from embeddings.workdir import load_model_files
 from tests.hf_tiny import make_tiny_hf_model
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -152,7 +154,7 @@ def test_export_refuses_to_overwrite_and_never_half_writes(tmp_path, monkeypatch
     def broken_card(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(export_lib, "write_model_card", broken_card)
+    monkeypatch.setattr(export_folder, "write_model_card", broken_card)
     with pytest.raises(RuntimeError, match="disk full"):
         export_run(workdir, out, overwrite=True, parity_check=False)
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
@@ -223,3 +225,72 @@ def test_export_script_prints_parity_and_destination(tmp_path):
     assert "Parity check (document): max |JAX - SentenceTransformer|" in proc.stdout
     assert f"to {out}" in proc.stdout
     assert json.loads(proc.stdout.splitlines()[-1])["output"] == str(out)
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+    """A tiny BERT run with checkpoints at steps 1 and 2 (tests copy it before changing it)."""
+    root = tmp_path_factory.mktemp("two_checkpoints")
+    init = make_tiny_hf_model("bert", root / "init")
+    return _train(root / "run", init, steps=2, checkpoint_every=1)
+
+
+def test_export_drops_a_torn_last_metrics_line(tmp_path, two_checkpoints, caplog):
+    workdir = tmp_path / "run"
+    shutil.copytree(two_checkpoints, workdir)
+    with (workdir / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "loss": 3.1')  # a crash while appending
+    summary = export_run(workdir, tmp_path / "out", parity_check=False)
+    assert summary["step"] == 2
+    assert any("metrics.jsonl: dropped line" in r.getMessage() for r in caplog.records)
+
+
+def test_export_falls_back_from_an_unreadable_newest_checkpoint(tmp_path, two_checkpoints, caplog):
+    workdir = tmp_path / "run"
+    shutil.copytree(two_checkpoints, workdir)
+    for path in (workdir / "checkpoints" / "2" / "state").rglob("*"):
+        if path.is_file() and path.stat().st_size > 0:
+            path.write_bytes(b"\0" * 16)  # garbage where the arrays were
+    summary = export_run(workdir, tmp_path / "out", parity_check=False)
+    assert summary["step"] == 1
+    warned = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
+    assert warned and "checkpoints/2" in warned[0] and "step 1" in warned[0]
+    reference = export_run(two_checkpoints, tmp_path / "step1", step=1, parity_check=False)
+    assert reference["step"] == 1
+    exported, expected = (
+        load_file(str(tmp_path / name / "model.safetensors")) for name in ("out", "step1")
+    )
+    assert exported.keys() == expected.keys()
+    for name, tensor in expected.items():
+        np.testing.assert_array_equal(exported[name], tensor, err_msg=name)
+    assert (workdir / "checkpoints" / "2").exists(), "export must not move checkpoints"
+
+    with pytest.raises(ValueError, match=r"--step N.*\[1, 2\]"):
+        export_run(workdir, tmp_path / "out2", step=2, parity_check=False)
+
+
+def test_export_cleans_stale_partial_exports_and_follows_the_umask(
+    tmp_path, two_checkpoints, capsys
+):
+    out = tmp_path / "out"
+    killed = tmp_path / ".out.tmp-abc123"  # a killed export of an earlier version
+    killed.mkdir()
+    (killed / "model.safetensors").write_bytes(b"partial")
+    dead_pid = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
+    dead = tmp_path / f".out.tmp-{dead_pid}-xyz"
+    dead.mkdir()
+    running = tmp_path / f".out.tmp-{os.getpid()}-inprogress"  # an export still running
+    running.mkdir()
+    previous = os.umask(0o022)
+    try:
+        export_run(two_checkpoints, out, parity_check=False)
+    finally:
+        os.umask(previous)
+    said = capsys.readouterr().out
+    assert not killed.exists() and not dead.exists() and running.exists()
+    assert str(killed) in said and str(dead) in said and "interrupted export" in said
+    assert (out.stat().st_mode & 0o777) == 0o755
+    for path in out.rglob("*"):
+        assert (path.stat().st_mode & 0o777) == (0o755 if path.is_dir() else 0o644), path

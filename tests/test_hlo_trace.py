@@ -1,4 +1,4 @@
-"""bench/_hlo_trace.py: ops of a profiler trace attributed to kinds, passes and lines of code.
+"""tools/hlo_trace.py: ops of a profiler trace attributed to kinds, passes and lines of code.
 
 A real jitted function, compiled and traced on the CPU, must have its matmuls
 found as matmuls, its backward ops as backward, and each op's source at the
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bench import _hlo_trace
+from tools import hlo_trace
 
 
 def _model(x, w1, w2):
@@ -46,15 +46,15 @@ def traced(tmp_path_factory):
     )
     x = jnp.asarray(rng.normal(size=(512, 256)), jnp.float32)
     step = jax.jit(_step)
-    module = _hlo_trace.HloModule.parse(step.lower(params, x).compile().as_text())
+    module = hlo_trace.HloModule.parse(step.lower(params, x).compile().as_text())
     jax.block_until_ready(step(params, x))
     folder = tmp_path_factory.mktemp("trace")
     with jax.profiler.trace(str(folder), create_perfetto_trace=True):
         for _ in range(3):
             jax.block_until_ready(step(params, x))
-    trace = _hlo_trace.load_trace(_hlo_trace.find_trace(folder))
-    times = _hlo_trace.op_times(trace, module.name)
-    return module, times, _hlo_trace.attribute(module, times, within=__file__)
+    trace = hlo_trace.load_trace(hlo_trace.find_trace(folder))
+    times = hlo_trace.op_times(trace, module.name)
+    return module, times, hlo_trace.attribute(module, times, within=__file__)
 
 
 def test_a_compiled_step_is_read_back_to_its_source_lines(traced):
@@ -84,7 +84,7 @@ def test_a_compiled_step_is_read_back_to_its_source_lines(traced):
 
 def test_summary_adds_up_per_step(traced):
     ops = traced[2]
-    summary = _hlo_trace.summarise(ops, steps=3, top=100)
+    summary = hlo_trace.summarise(ops, steps=3, top=100)
     total = sum(op.microseconds for op in ops) / 1e3 / 3
     assert summary["traced_ms_per_step"] == pytest.approx(total)
     by_kind = sum(sum(phases.values()) for phases in summary["by_kind"].values())
@@ -216,11 +216,11 @@ GPU_TRACE = {
 
 
 def test_device_stream_kernels_are_counted_once():
-    module = _hlo_trace.HloModule.parse(GPU_HLO)
-    times = _hlo_trace.op_times(GPU_TRACE, module.name)
+    module = hlo_trace.HloModule.parse(GPU_HLO)
+    times = hlo_trace.op_times(GPU_TRACE, module.name)
     assert times == {**KERNEL_US, "cublas-gemm.1": 44.0}
     # The lines a reader would check: every event that names an op, any module.
-    assert _hlo_trace.op_lines(GPU_TRACE) == {
+    assert hlo_trace.op_lines(GPU_TRACE) == {
         "/host:CPU / 3": len(KERNEL_US),  # a thread without a name: its id
         "/device:GPU:0 / XLA Ops": len(KERNEL_US),
         "/device:GPU:0 / Stream #13(Compute)": len(KERNEL_US) + 2,
@@ -228,9 +228,9 @@ def test_device_stream_kernels_are_counted_once():
 
 
 def test_gpu_ops_get_their_kind_pass_and_source():
-    module = _hlo_trace.HloModule.parse(GPU_HLO)
-    times = _hlo_trace.op_times(GPU_TRACE, module.name)
-    ops = {op.name: op for op in _hlo_trace.attribute(module, times, within="/repo/embeddings")}
+    module = hlo_trace.HloModule.parse(GPU_HLO)
+    times = hlo_trace.op_times(GPU_TRACE, module.name)
+    ops = {op.name: op for op in hlo_trace.attribute(module, times, within="/repo/embeddings")}
     assert "while.9" not in ops  # its body's multiply is traced as step.3
     kinds = {name: op.kind for name, op in ops.items()}
     assert kinds == {
@@ -256,7 +256,7 @@ def test_gpu_ops_get_their_kind_pass_and_source():
     assert ops["transpose_fusion.10"].source == "[fusion]"
     assert ops["all-reduce.6"].source == "[psum]"
 
-    summary = _hlo_trace.summarise(list(ops.values()), steps=2)
+    summary = hlo_trace.summarise(list(ops.values()), steps=2)
     assert summary["by_kind"]["matmul"] == pytest.approx(
         {"forward": 37.0e-3, "backward": 0.0, "update": 0.0}
     )
@@ -268,4 +268,4 @@ def test_gpu_ops_get_their_kind_pass_and_source():
 
 def test_text_that_is_not_hlo_is_refused():
     with pytest.raises(ValueError, match="HloModule"):
-        _hlo_trace.HloModule.parse("{}")
+        hlo_trace.HloModule.parse("{}")

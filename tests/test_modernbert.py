@@ -23,14 +23,15 @@ from transformers.masking_utils import sliding_window_bidirectional_overlay
 
 from configs import tiny
 from embeddings.checkpointing import find_checkpoint, restore_params
-from embeddings.export import RunInfo
-from embeddings.export_run import export_run
-from embeddings.model_card import write_model_card
-from embeddings.model_setup import build_model, load_model_files
+from embeddings.export.card import write_model_card
+from embeddings.export.folder import RunInfo
+from embeddings.export.run import export_run
+from embeddings.host_batch import batch_token_index
+from embeddings.model_setup import build_model
 from embeddings.models import SentenceEncoder, SentenceSpec, load_pretrained
 from embeddings.models.modernbert import window_bias
 from embeddings.models.modernbert_config import ModernBertConfig
-from embeddings.models.packing import batch_token_index
+from embeddings.workdir import load_model_files
 from tests.modernbert_tiny import HALF_WINDOW, load_torch, make_tiny_modernbert
 from tests.test_train_step import (
     ANCHORS,

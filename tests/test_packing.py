@@ -9,14 +9,14 @@ import torch
 import transformers
 from hf_tiny import MODEL_TYPES, make_tiny_hf_model
 
-from embeddings.models import SentenceEncoder, SentenceSpec, load_pretrained
-from embeddings.models.packing import (
-    Packer,
+from embeddings.host_batch import (
     batch_token_index,
     group_real_counts,
     token_capacity,
     token_index,
 )
+from embeddings.models import SentenceEncoder, SentenceSpec, load_pretrained
+from embeddings.models.packing import Packer
 
 
 def test_capacity_rounds_up_to_a_level():

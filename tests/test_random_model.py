@@ -1,4 +1,4 @@
-"""bench/random_model.py: a model folder's skeleton with random weights, for GPU throughput runs."""
+"""tools/random_model.py: a model folder's skeleton with random weights, for GPU throughput runs."""
 
 import pathlib
 
@@ -7,8 +7,8 @@ import pytest
 from hf_tiny import make_tiny_sentence_transformer
 from safetensors.numpy import load_file
 
-from bench import random_model
 from embeddings.models import load_pretrained
+from tools import random_model
 
 
 def test_skeleton_then_weights_give_the_same_model_shape(tmp_path):

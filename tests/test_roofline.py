@@ -1,4 +1,4 @@
-"""bench/_roofline.py and bench/gpu_compile.py's readers on hand-written HLO, costs counted by hand.
+"""tools/roofline.py and tools/gpu_compile.py's readers on hand-written HLO, costs counted by hand.
 
 The fixture has the ops a compiled GPU step is made of: a Triton GEMM fusion, a
 batched cuBLAS call (its result a tuple with a workspace), an elementwise
@@ -9,7 +9,7 @@ from the shapes.
 
 import pytest
 
-from bench import _hlo_trace, _roofline, gpu_compile
+from tools import gpu_compile, hlo_trace, roofline
 
 HLO = """\
 HloModule jit_step, is_scheduled=true
@@ -66,22 +66,22 @@ CUBLAS_FLOPS = 2 * (4 * 64 * 16) * 32  # 262,144
 
 
 def test_op_costs_count_bytes_and_matmul_flops_by_hand():
-    costs = _roofline.op_costs(_hlo_trace.HloModule.parse(HLO))
+    costs = roofline.op_costs(hlo_trace.HloModule.parse(HLO))
     assert costs == {
-        "gemm_fusion.4": _roofline.OpCost(GEMM_BYTES, GEMM_FLOPS),
-        "cublas.5": _roofline.OpCost(CUBLAS_BYTES, CUBLAS_FLOPS),
-        "gelu.6": _roofline.OpCost(GELU_BYTES, 0),
-        "kernel.8": _roofline.OpCost(KERNEL_BYTES, 0),  # a custom kernel's work is unknown
-        "square.3": _roofline.OpCost(SQUARE_BYTES, 0),  # the loop body's op, once
+        "gemm_fusion.4": roofline.OpCost(GEMM_BYTES, GEMM_FLOPS),
+        "cublas.5": roofline.OpCost(CUBLAS_BYTES, CUBLAS_FLOPS),
+        "gelu.6": roofline.OpCost(GELU_BYTES, 0),
+        "kernel.8": roofline.OpCost(KERNEL_BYTES, 0),  # a custom kernel's work is unknown
+        "square.3": roofline.OpCost(SQUARE_BYTES, 0),  # the loop body's op, once
     }
 
 
 def test_ideal_time_is_the_slower_of_memory_and_compute():
-    costs = _roofline.op_costs(_hlo_trace.HloModule.parse(HLO))
+    costs = roofline.op_costs(hlo_trace.HloModule.parse(HLO))
     # 1 byte and 9 FLOPs per ns: the GEMM fusion (9.14 FLOPs per byte) is
     # compute-bound, 65,536 / 9 = 7.282 us > 7.168 us; the cuBLAS call (8.83 per
     # byte) memory-bound, 29.696 us > 262,144 / 9 = 29.127 us.
-    ideal = _roofline.ideal_microseconds(costs, bandwidth=1e9, peak_flops=9e9)
+    ideal = roofline.ideal_microseconds(costs, bandwidth=1e9, peak_flops=9e9)
     assert ideal == pytest.approx(
         {
             "gemm_fusion.4": 65.536 / 9,
@@ -94,17 +94,17 @@ def test_ideal_time_is_the_slower_of_memory_and_compute():
 
 
 def test_result_types_and_operands_are_read_from_the_text():
-    module = _hlo_trace.HloModule.parse(HLO)
+    module = hlo_trace.HloModule.parse(HLO)
     assert module.entry == "main.9"
     cublas = module.instructions["cublas.5"]
-    assert _roofline.result_type(cublas) == "(bf16[4,64,16]{2,1,0}, s8[1024]{0})"
-    assert _roofline.type_bytes(_roofline.result_type(cublas)) == 4 * 64 * 16 * 2 + 1024
-    assert _roofline.operands(cublas) == ["a", "b"]
-    assert _roofline.operands(module.instructions["square.3"]) == ["v", "v"]
+    assert roofline.result_type(cublas) == "(bf16[4,64,16]{2,1,0}, s8[1024]{0})"
+    assert roofline.type_bytes(roofline.result_type(cublas)) == 4 * 64 * 16 * 2 + 1024
+    assert roofline.operands(cublas) == ["a", "b"]
+    assert roofline.operands(module.instructions["square.3"]) == ["v", "v"]
 
 
 def test_triton_kernels_and_their_occupancy():
-    module = _hlo_trace.HloModule.parse(HLO)
+    module = hlo_trace.HloModule.parse(HLO)
     assert gpu_compile.triton_kernels(module) == {
         "attention_forward": {"grid": [16, 12, 2], "warps": 4}
     }

@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -127,7 +128,8 @@ def test_killed_run_resumes_exactly(tmp_path):
     _assert_same_params(_params(interrupted), _params(tmp_path / "straight"))
 
 
-def test_sigterm_saves_a_checkpoint(tmp_path):
+def test_sigterm_saves_a_checkpoint_and_exits_75(tmp_path):
+    """A launcher tells a preemption (75, "stopped early") from a finished run (0)."""
     workdir = tmp_path / "run"
     proc = subprocess.Popen(
         _command(
@@ -150,10 +152,11 @@ def test_sigterm_saves_a_checkpoint(tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out
+    assert proc.returncode == 75, out
     saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir())
     assert len(saved) == 1 and 3 <= saved[0] < 1000, saved
     assert "SIGTERM" in out
+    assert f"Stopped early at step {saved[0]}" in out and "Trained steps" not in out
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path):
@@ -178,6 +181,10 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path):
         ("--config.totl_steps=5", "totl_steps"),
         ("--config.model.pooling=avg", "config.model.pooling='avg'"),
         ("--config.grad_cache_chunk=7", "grad_cache_chunk=7"),
+        ("--config.optimizer.learning_rate=nan", "config.optimizer.learning_rate=nan"),
+        ("--config.data.datasets_per_batch=0", "config.data.datasets_per_batch=0 must be > 0"),
+        ("--config.batch_size=33", "config.batch_size=33 is not divisible by 2"),
+        ("--config.batch_size=33", "each of the 2 devices"),
         ("--config.model.document_init=foo", "document_init"),
         (
             "--config.model.attention_tiling=backward_keyblock=64",
@@ -189,3 +196,99 @@ def test_bad_config_fails_with_a_clear_message(tmp_path, override, message):
     proc = _train(tmp_path / "run", override, check=False)
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-2000:]
+
+
+def _snapshot(folder):
+    """Every file under `folder` with its bytes, and every folder (empty ones too)."""
+    folder = Path(folder)
+    if not folder.exists():
+        return None
+    return {
+        str(p.relative_to(folder)): p.read_bytes() if p.is_file() else "folder"
+        for p in folder.rglob("*")
+    }
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished 4-step tiny run (checkpoints 2 and 4), copied by each test that reruns it."""
+    workdir = tmp_path_factory.mktemp("finished") / "run"
+    _train(workdir, "--config.total_steps=4", "--config.checkpoint_every=2", "--config.log_every=1")
+    return workdir
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("--config.optimizer.grad_clip_norm=0", "config.optimizer.grad_clip_norm"),
+        ("--config.model.hidden_size=64", "config.model.hidden_size"),
+    ],
+)
+def test_rerun_with_another_state_tree_refuses_and_touches_nothing(
+    tmp_path, finished_run, override, key
+):
+    """A readable checkpoint of another config is no corruption: nothing moves or restarts."""
+    workdir = tmp_path / "run"
+    shutil.copytree(finished_run, workdir)
+    before = _snapshot(workdir)
+    proc = _train(
+        workdir,
+        "--config.total_steps=4",
+        "--config.checkpoint_every=2",
+        "--config.log_every=1",
+        override,
+        check=False,
+    )
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert "Refusing to start" in proc.stderr and key in proc.stderr, proc.stderr[-3000:]
+    assert str(workdir / "config.json") in proc.stderr
+    assert _snapshot(workdir) == before
+    assert not (workdir / "corrupt").exists()
+
+
+def test_refused_data_config_rerun_leaves_the_run_files(tmp_path, finished_run):
+    workdir = tmp_path / "run"
+    shutil.copytree(finished_run, workdir)
+    entries = json.loads((ROOT / "data_config.json").read_text())
+    other = tmp_path / "other_data_config.json"
+    other.write_text(json.dumps(entries[:3]))
+    before = _snapshot(workdir)
+    proc = _train(
+        workdir,
+        "--config.total_steps=6",
+        f"--config.data_config={other}",
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert "another data config" in proc.stderr, proc.stderr[-3000:]
+    assert _snapshot(workdir) == before
+
+
+@pytest.mark.parametrize(
+    "problem",
+    ["missing data file", "missing init", "unreadable resume_from"],
+)
+def test_failed_start_in_a_new_workdir_leaves_no_files(tmp_path, problem):
+    overrides = {
+        "missing data file": f"--config.data_config={tmp_path / 'data_config.json'}",
+        "missing init": f"--config.model.init={tmp_path / 'no-such-model'}",
+        "unreadable resume_from": f"--config.resume_from={tmp_path / 'no-such-run/checkpoints/4'}",
+    }
+    (tmp_path / "data_config.json").write_text(
+        json.dumps([{"name": "debian/no-such-file.jsonl.gz", "weight": 1}])
+    )
+    workdir = tmp_path / "new" / "run"
+    proc = _train(workdir, "--config.total_steps=2", overrides[problem], check=False)
+    assert proc.returncode != 0
+    assert not (tmp_path / "new").exists(), _snapshot(tmp_path / "new")
+
+
+def test_resume_drops_a_torn_last_metrics_line(tmp_path, finished_run):
+    """A crash while appending to metrics.jsonl leaves half a line: the rerun warns and goes on."""
+    workdir = tmp_path / "run"
+    shutil.copytree(finished_run, workdir)
+    with (workdir / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "loss": 3.1')
+    proc = _train(workdir, "--config.total_steps=6", "--config.log_every=1")
+    assert "metrics.jsonl: dropped line" in proc.stderr, proc.stderr[-3000:]
+    assert [r["step"] for r in _metrics(workdir)] == list(range(1, 7))

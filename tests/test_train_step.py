@@ -18,6 +18,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from configs import default
 from embeddings.dual_encoder import DualEncoder
+from embeddings.host_batch import batch_token_index, global_batch
 from embeddings.models import (
     SentenceEncoder,
     SentenceSpec,
@@ -25,9 +26,8 @@ from embeddings.models import (
     load_pretrained,
     load_tokenizer,
 )
-from embeddings.models.packing import batch_token_index
 from embeddings.optim import make_optimizer
-from embeddings.sharding import global_batch, make_mesh, replicated, tree_shardings
+from embeddings.sharding import make_mesh, replicated, tree_shardings
 from embeddings.train_step import init_state, loss_and_grads, train_step
 from tests.hf_tiny import make_tiny_hf_model
 

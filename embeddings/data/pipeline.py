@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import copy
 import logging
+import math
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import ml_collections
 from grain.experimental import ThreadPrefetchDatasetIterator
 
+from configs import default as default_config
 from embeddings.data.bad_lines import BadLineTracker
 from embeddings.data.data_config import DatasetEntry, load_data_config
 from embeddings.data.mixer import Mixer
@@ -33,6 +35,9 @@ logger = logging.getLogger(__name__)
 STATE_VERSION = 1
 # Lines of a dataset judged before its malformed share is enforced (or its first pass, if shorter).
 MIN_LINES_FOR_BAD_SHARE = 1000
+# The settings' defaults are the training config's: configs/default.py defines (and comments)
+# them once.
+_DEFAULT = default_config.get_config()
 
 
 class _Batches:
@@ -192,7 +197,8 @@ class InputPipeline:
 
     Each item is this process's share of one global batch: batch_size // process_count
     rows, `datasets_per_batch` groups of rows in order, each group planned from one
-    dataset. See data/README.md for the semantics.
+    dataset. See data/README.md for the semantics. The settings default to those of
+    configs/default.py (`config.data`, `config.seed`).
 
     Args:
       data_config: path of data_config.json (local or gs://) or the parsed list of entries.
@@ -228,16 +234,16 @@ class InputPipeline:
         data_folder: str | os.PathLike,
         tokenizer,
         batch_size: int,
-        datasets_per_batch: int = 2,
-        max_length_anchor: int = 128,
-        max_length_document: int = 128,
-        buckets: Sequence[int] = (32, 64, 128),
-        shuffle_buffer: int = 100_000,
-        skip_duplicates: bool = True,
-        max_bad_line_share: float = 0.01,
-        prefetch: int = 4,
-        workers: int = 0,
-        seed: int = 0,
+        datasets_per_batch: int = _DEFAULT.data.datasets_per_batch,
+        max_length_anchor: int = _DEFAULT.data.max_length_anchor,
+        max_length_document: int = _DEFAULT.data.max_length_document,
+        buckets: Sequence[int] = _DEFAULT.data.buckets,
+        shuffle_buffer: int = _DEFAULT.data.shuffle_buffer,
+        skip_duplicates: bool = _DEFAULT.data.skip_duplicates,
+        max_bad_line_share: float = _DEFAULT.data.max_bad_line_share,
+        prefetch: int = _DEFAULT.data.prefetch,
+        workers: int = _DEFAULT.data.workers,
+        seed: int = _DEFAULT.seed,
         process_index: int = 0,
         process_count: int = 1,
         min_lines_for_bad_share: int = MIN_LINES_FOR_BAD_SHARE,
@@ -455,19 +461,45 @@ def _check_settings(**s) -> None:
     share = s["max_bad_line_share"]
     if isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share <= 1:
         raise ValueError(f"max_bad_line_share must be in [0, 1], got {share!r}.")
-    unit = s["datasets_per_batch"] * s["process_count"]
-    if s["batch_size"] % unit:
-        raise ValueError(
-            f"batch_size {s['batch_size']} is not divisible by datasets_per_batch "
-            f"({s['datasets_per_batch']}) x process_count ({s['process_count']}) = {unit}: every "
-            f"process fills an equal share of every group. Use a multiple of {unit}, e.g. "
-            f"{max(unit, s['batch_size'] // unit * unit)}."
-        )
+    problem = batch_split_problem(
+        s["batch_size"],
+        datasets_per_batch=s["datasets_per_batch"],
+        process_count=s["process_count"],
+    )
+    if problem:
+        raise ValueError(problem)
     buckets = s["buckets"]
     if not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in buckets) or list(
         buckets
     ) != sorted(set(buckets)):
         raise ValueError(f"buckets must be increasing positive integers, got {buckets!r}.")
+
+
+def batch_split_problem(
+    batch_size: int, *, datasets_per_batch: int, process_count: int, device_count: int | None = None
+) -> str | None:
+    """Why a global batch cannot be split as a run needs, or None if it can.
+
+    Every process fills an equal share of each of the `datasets_per_batch` groups, and
+    (when `device_count` is given) every device takes an equal share of the rows, so the
+    batch must be a multiple of both. The one check of this, for the pipeline and the
+    start-up config validation alike.
+    """
+    groups = datasets_per_batch * process_count
+    unit = groups if device_count is None else math.lcm(groups, device_count)
+    if batch_size % unit == 0:
+        return None
+    devices = (
+        ""
+        if device_count is None
+        else f", and each of the {device_count} devices an equal share of the rows"
+    )
+    return (
+        f"config.batch_size={batch_size} is not divisible by {unit}: each of the "
+        f"{process_count} processes fills an equal share of each of the "
+        f"config.data.datasets_per_batch={datasets_per_batch} groups{devices}. Use a "
+        f"multiple of {unit}, e.g. {max(unit, batch_size // unit * unit)}."
+    )
 
 
 def _check_buckets(buckets: Sequence[int], limits: Sequence[tuple[int, int]]) -> None:

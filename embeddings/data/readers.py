@@ -6,14 +6,20 @@ dict (JSON object, CSV/TSV row by header, Hugging Face or TFDS record). Decoding
 is separate from reading so that a process skips the lines of other processes
 without parsing them.
 
-The row layout of a dataset (list, "texts" list, or named fields) is fixed from
+The row layout of a dataset (a list of texts, or named fields) is fixed from
 its first valid row at start-up; every later row must match it or is counted
-as malformed.
+as malformed. A list of texts may be a JSON list or an object with a "texts"
+list, on any line, as the original training script read them.
+
+A damaged gzip file (not gzip at all, truncated, corrupt) stops the run with
+the file and the last line read: the lines after the damage are unknown, so
+they cannot be counted as malformed.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 import csv
 import dataclasses
 import gzip
@@ -22,9 +28,12 @@ import itertools
 import json
 import math
 import os
+import re
+import zlib
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
+from embeddings.data.bad_lines import MalformedDataError
 from embeddings.data.data_config import KIND_COLUMNS, DataConfigError, DatasetEntry
 
 # Field sets recognised in dict rows when an entry gives no "fields", tried in order.
@@ -45,6 +54,10 @@ KNOWN_FIELDS = {
 }
 # How many records a dataset's layout may take to show up before start-up fails.
 PEEK_RECORDS = 100
+# What gzip raises on a file that is not gzip, is cut short, or has corrupt data.
+_GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
+# Bytes that are not UTF-8, as read with errors="surrogateescape".
+_UNDECODABLE = re.compile("[\udc80-\udcff]")
 
 
 class BadRecord(Exception):
@@ -68,12 +81,14 @@ class RowSpec:
 
     Attributes:
       layout: the dataset's Layout.
-      fields: None for list rows, ("texts",) for dicts with a "texts" list, else the dict
-        keys of the texts in column order (then the margin key for kind "margin").
+      fields: None for a list of texts (a JSON list or an object's "texts" list), else the
+        dict keys of the texts in column order (then the margin key for kind "margin").
+      fixed_at: the line (or record) whose row fixed the layout, for messages.
     """
 
     layout: Layout
     fields: tuple[str, ...] | None
+    fixed_at: int = 1
 
     @property
     def is_margin(self) -> bool:
@@ -113,6 +128,24 @@ def _open_binary(path) -> io.BufferedIOBase:
     return raw
 
 
+def _damaged(path, line: int, error: Exception) -> MalformedDataError:
+    """The error for a gzip file that cannot be read past `line` (lines read so far)."""
+    name = os.fspath(path)
+    whole = f"Replace it with a whole copy (`gzip -t {name}` tests one)."
+    if isinstance(error, gzip.BadGzipFile) and str(error).startswith("Not a gzipped file"):
+        return MalformedDataError(
+            f"{name}: not a gzip file, although its name ends in .gz ({error}). Rename it "
+            "without .gz if it is plain text, or compress it."
+        )
+    if isinstance(error, EOFError):
+        return MalformedDataError(
+            f"{name}: the gzip data ends early, after line {line}: the file is truncated "
+            f"(an interrupted download or copy?). {whole} The run stops: the lines after the "
+            "cut are unknown."
+        )
+    return MalformedDataError(f"{name}: corrupt gzip data after line {line} ({error}). {whole}")
+
+
 class JsonlSource(Source):
     """One JSON value per line (plain or gzip)."""
 
@@ -120,8 +153,13 @@ class JsonlSource(Source):
         self.path = path
 
     def records(self, start: int) -> Iterator[tuple[int, bytes]]:
-        with _open_binary(self.path) as f:
-            yield from enumerate(itertools.islice(f, start, None), start + 1)
+        line = start
+        try:
+            with _open_binary(self.path) as f:
+                for line, raw in enumerate(itertools.islice(f, start, None), start + 1):
+                    yield line, raw
+        except _GZIP_ERRORS as error:
+            raise _damaged(self.path, line, error) from error
 
     def decode(self, raw: bytes) -> Any:
         if not raw.strip():
@@ -147,26 +185,44 @@ class DelimitedSource(Source):
         self.header = self._read_header()
 
     def _reader(self, f):
-        text = io.TextIOWrapper(f, encoding="utf-8", newline="")
+        # Bytes that are not UTF-8 pass through as surrogates, so that decode() counts their
+        # line as malformed (as in JSONL) instead of the text decoder stopping the file.
+        text = io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline="")
         return csv.reader(text, delimiter=self.delimiter, quoting=self.quoting)
 
     def _read_header(self) -> tuple[str, ...]:
-        with _open_binary(self.path) as f:
-            header = next(self._reader(f), None)
+        try:
+            with _open_binary(self.path) as f:
+                header = next(self._reader(f), None)
+        except _GZIP_ERRORS as error:
+            raise _damaged(self.path, 0, error) from error
         if not header:
             raise DataConfigError(f"{os.fspath(self.path)}: the file is empty (no header row).")
+        if any(_UNDECODABLE.search(name) for name in header):
+            raise DataConfigError(f"{os.fspath(self.path)}:1: the header is not valid UTF-8.")
         return tuple(header)
 
     def records(self, start: int) -> Iterator[tuple[int, list[str]]]:
-        with _open_binary(self.path) as f:
-            reader = self._reader(f)
-            next(reader, None)
-            for row in itertools.islice(reader, start, None):
-                yield reader.line_num, row
+        reader = None
+        try:
+            with _open_binary(self.path) as f:
+                reader = self._reader(f)
+                next(reader, None)
+                for row in itertools.islice(reader, start, None):
+                    yield reader.line_num, row
+        except _GZIP_ERRORS as error:
+            raise _damaged(self.path, reader.line_num if reader else 0, error) from error
 
     def decode(self, raw: list[str]) -> dict[str, str]:
         if len(raw) != len(self.header):
             raise BadRecord(f"{len(raw)} columns, the header has {len(self.header)}")
+        for column, text in enumerate(raw):
+            if match := _UNDECODABLE.search(text):
+                byte = ord(match.group()) - 0xDC00
+                raise BadRecord(
+                    f"invalid UTF-8 (byte 0x{byte:02x}) in column {column} "
+                    f"({self.header[column]!r})"
+                )
         return dict(zip(self.header, raw, strict=True))
 
     def where(self, line: int) -> str:
@@ -259,12 +315,22 @@ def _from_numpy(value: Any) -> Any:
     return value
 
 
+@contextlib.contextmanager
+def _at_startup(entry: DatasetEntry) -> Iterator[None]:
+    """A damaged file found at start-up is a data config error naming the entry."""
+    try:
+        yield
+    except MalformedDataError as error:
+        raise DataConfigError(f"{entry.label}: {error}") from error
+
+
 def make_source(entry: DatasetEntry, data_folder) -> Source:
     """The Source for a data config entry."""
     if entry.format == "jsonl":
         return JsonlSource(entry.path)
     if entry.format in ("tsv", "csv"):
-        return DelimitedSource(entry.path, "\t" if entry.format == "tsv" else ",")
+        with _at_startup(entry):
+            return DelimitedSource(entry.path, "\t" if entry.format == "tsv" else ",")
     if entry.format in ("hf", "hf_hub"):
         return HfSource(entry)
     return TfdsSource(entry, data_folder)
@@ -279,14 +345,15 @@ def infer_row_spec(entry: DatasetEntry, source: Source) -> RowSpec:
     reasons = []
     records = source.records(0)
     try:
-        for line, raw in itertools.islice(records, PEEK_RECORDS):
-            try:
-                row = source.decode(raw)
-                spec = _spec_from_row(entry, row)
-                parse_row(row, spec)
-                return spec
-            except BadRecord as e:
-                reasons.append(f"{source.where(line)}: {e}")
+        with _at_startup(entry):
+            for line, raw in itertools.islice(records, PEEK_RECORDS):
+                try:
+                    row = source.decode(raw)
+                    spec = _spec_from_row(entry, row, line)
+                    parse_row(row, spec)
+                    return spec
+                except BadRecord as e:
+                    reasons.append(f"{source.where(line)}: {e}")
     finally:
         records.close()
     detail = "; ".join(reasons[:3]) if reasons else "the dataset is empty"
@@ -296,7 +363,7 @@ def infer_row_spec(entry: DatasetEntry, source: Source) -> RowSpec:
     )
 
 
-def _spec_from_row(entry: DatasetEntry, row: Any) -> RowSpec:
+def _spec_from_row(entry: DatasetEntry, row: Any, line: int) -> RowSpec:
     margin = entry.kind == "margin"
     kind = "margin" if margin else "contrastive"
     if entry.fields is not None:
@@ -307,7 +374,7 @@ def _spec_from_row(entry: DatasetEntry, row: Any) -> RowSpec:
     elif isinstance(row, dict) and "texts" in row:
         if not isinstance(row["texts"], list):
             raise BadRecord('"texts" is not a list')
-        fields, columns = ("texts",), len(row["texts"]) - margin
+        fields, columns = None, len(row["texts"]) - margin
     elif isinstance(row, dict):
         fields = next((f for f in KNOWN_FIELDS[kind] if set(f) <= set(row)), None)
         if fields is None:
@@ -323,29 +390,20 @@ def _spec_from_row(entry: DatasetEntry, row: Any) -> RowSpec:
         raise BadRecord(f"{columns} texts, kind {entry.kind!r} needs {expected}")
     if columns < 2:
         raise BadRecord(f"{columns} text(s): a row needs an anchor and a positive at least")
-    return RowSpec(Layout(kind, columns), fields)
+    return RowSpec(Layout(kind, columns), fields, line)
 
 
 def parse_row(row: Any, spec: RowSpec, line: int = 0) -> Example:
     """Reads the texts (and margin) of a decoded row from record `line`; raises BadRecord."""
     margin = spec.is_margin
-    if spec.fields is None or spec.fields == ("texts",):
-        if spec.fields is not None:
-            if not isinstance(row, dict) or not isinstance(row.get("texts"), list):
-                raise BadRecord('expected an object with a "texts" list')
-            row = row["texts"]
-        if not isinstance(row, list):
-            raise BadRecord(f"expected a JSON list, got {type(row).__name__}")
-        expected = spec.layout.columns + margin
-        if len(row) != expected:
-            raise BadRecord(f"{len(row)} columns, expected {expected}")
-        values = row
+    if spec.fields is None:
+        values = _text_list(row, spec)
     else:
         if not isinstance(row, dict):
-            raise BadRecord(f"expected an object with keys {list(spec.fields)}")
+            raise BadRecord(f"expected an object with keys {list(spec.fields)}{_fixed(spec)}")
         missing = [f for f in spec.fields if f not in row]
         if missing:
-            raise BadRecord(f"missing key(s) {missing}")
+            raise BadRecord(f"missing key(s) {missing}{_fixed(spec)}")
         values = [row[f] for f in spec.fields]
         # {"query", "pos": [...], "neg": [...]} rows list several candidates: take the first.
         values[: spec.layout.columns] = [_first(v) for v in values[: spec.layout.columns]]
@@ -359,6 +417,33 @@ def parse_row(row: Any, spec: RowSpec, line: int = 0) -> Example:
         if not text.strip():
             raise BadRecord(f"column {column} is empty")
     return Example(texts, _margin(values[-1]) if margin else None, line)
+
+
+def _text_list(row: Any, spec: RowSpec) -> list:
+    """The texts (and margin) of a row of a list layout: a JSON list or a "texts" list."""
+    if isinstance(row, dict) and "texts" in row:
+        row = row["texts"]
+        if not isinstance(row, list):
+            raise BadRecord('"texts" is not a list')
+    elif not isinstance(row, list):
+        raise BadRecord(
+            f'expected a JSON list or an object with a "texts" list, got {type(row).__name__}'
+            f"{_fixed(spec)}"
+        )
+    expected = spec.layout.columns + spec.is_margin
+    if len(row) != expected:
+        # A row that would make a layout of its own conflicts with the file's; one with
+        # fewer than 2 texts is merely short.
+        conflict = len(row) - spec.is_margin >= 2
+        raise BadRecord(
+            f"{len(row)} columns, expected {expected}{_fixed(spec) if conflict else ''}"
+        )
+    return row
+
+
+def _fixed(spec: RowSpec) -> str:
+    """Where a row's layout conflict comes from: the row that fixed the file's layout."""
+    return f" (the layout was fixed from line {spec.fixed_at} of this file)"
 
 
 def _first(value: Any) -> Any:

@@ -13,8 +13,10 @@ import tokenizers
 
 from embeddings.data.readers import Example, Layout
 
-# Texts longer than this many characters per token of the limit are cut before tokenizing.
+# Texts longer than this many characters per token of the limit are cut after `limit` words.
 _CUT_CHARS_PER_TOKEN = 8
+# No text reaches the tokenizer longer than this many characters per token of the limit.
+_MAX_CHARS_PER_TOKEN = 64
 
 
 def text_hash(text: str) -> int:
@@ -68,6 +70,12 @@ class BatchTokenizer:
         and pre-tokenizers split at ASCII whitespace, so the cut text's tokens are the
         whole text's first tokens. A cut text that does not fill the limit (words that
         normalise to nothing) is tokenized whole instead.
+
+        A text with fewer than `limit` such words (CJK, a base64 blob, a long URL) is
+        cut after `limit` x 64 characters instead, so that its cost stays bounded. Only
+        the word the cut falls in can tokenize differently, and that matters only if
+        the first `limit` tokens reach it, i.e. average over 64 characters each (a
+        BERT word over 100 characters is one [UNK] token whether cut or not).
         """
         tokenizer = self._by_limit.get(limit)
         if tokenizer is None:
@@ -76,11 +84,15 @@ class BatchTokenizer:
             tokenizer.enable_truncation(limit)
             self._by_limit[limit] = tokenizer
         inputs, cut = list(texts), []
-        words = _first_words(limit)
+        words, most = _first_words(limit), limit * _MAX_CHARS_PER_TOKEN
         for i, text in enumerate(inputs):
-            if len(text) > limit * _CUT_CHARS_PER_TOKEN and (match := words.match(text)):
+            # The words are looked for in the first `most` characters only; a last word cut
+            # there still comes after `limit` - 1 whole words, past the kept tokens.
+            if len(text) > limit * _CUT_CHARS_PER_TOKEN and (match := words.match(text, 0, most)):
                 inputs[i] = text[: match.end()]
                 cut.append(i)
+            elif len(text) > most:
+                inputs[i] = text[:most]
         ids = [e.ids for e in tokenizer.encode_batch_fast(inputs)]
         short = [i for i in cut if len(ids[i]) < limit]
         if short:

@@ -3,8 +3,8 @@
 XLA computes attention with dropout as separate passes over the [B, heads, L, L]
 logits: the logit matmul writes them in float32, fusions add the bias, mask,
 softmax and drop them, and the backward pass reads and writes that tensor
-several more times (the H100 profile of MPNet-base at 256 x 128 spends ~20 ms of
-a 126 ms step there). cuDNN's fused attention does not help: its dropout mask
+several more times (bench/README.md, "Fused attention", has the profile).
+cuDNN's fused attention does not help: its dropout mask
 comes from a seed fixed at compile time and a counter of the process, so it is
 neither the training key's nor reproducible after a resume.
 
@@ -159,11 +159,9 @@ def supports(batch: int, length: int, heads: int, head_dim: int) -> bool:
 def measured_faster(length: int, head_dim: int) -> bool:
     """Whether these shapes are where the kernels beat XLA on a GPU.
 
-    On an H100, bf16, 512 sequences x 128 tokens x 12 heads, dropout 0.1,
-    forward + backward of one layer: head size 64 (BERT-base, MPNet-base) 3.36 ->
-    1.65 ms (3.65 -> 1.92 with MPNet's bias); head size 32 (MiniLM) 2.71 -> 7.65
-    ms (Triton's narrow tiles). Longer sequences were checked for correctness
-    only.
+    Measured on an H100 (docs/gpu_lab.md, "Attention alone"): faster for head
+    size 64 (BERT-base, MPNet-base), slower for head size 32 (MiniLM: Triton's
+    narrow tiles). Longer sequences were checked for correctness only.
     """
     return head_dim in FAST_HEAD_DIMS and length <= FAST_MAX_LENGTH
 

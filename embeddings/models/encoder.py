@@ -96,7 +96,7 @@ class Encoder(nnx.Module):
             token_type_ids: [B, L] segment ids, or None for all zeros; ignored by
                 families without token types.
             token_index: None, or the [G, T] token index of `attention_mask`
-                (`packing.token_index`): the embeddings, projections,
+                (`host_batch.token_index`): the embeddings, projections,
                 feed-forward and LayerNorms then run on the real tokens only.
             deterministic: False turns dropout on (training).
             rngs: With deterministic=False, random streams holding 'dropout'.

@@ -32,7 +32,8 @@ def _gelu_erf(x: jax.Array) -> jax.Array:
     """Exact GELU in torch's own formula, x/2 * (1 + erf(x/sqrt 2)).
 
     `jax.nn.gelu(approximate=False)` uses erfc, which XLA's CPU backend computes
-    about 1.4x slower than erf; the two agree to float32 rounding.
+    more slowly than erf (bench/README.md, "What moved the numbers", 2); the two
+    agree to float32 rounding.
     """
     return 0.5 * x * (1.0 + jax.lax.erf(x * (1 / math.sqrt(2))))
 

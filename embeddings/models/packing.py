@@ -14,7 +14,8 @@ holds the real tokens of rows [g*B/G, (g+1)*B/G), so every device packs and
 unpacks its own rows without communication. T, the capacity of a group, is a
 static shape: the host computes it (the largest group's real-token count,
 rounded up to one of `levels` steps of the group's padded size, so at most
-`levels` shapes compile per padded shape) and builds the index with numpy.
+`levels` shapes compile per padded shape) and builds the index with numpy
+(`embeddings.host_batch.batch_token_index`).
 
 Both directions are gathers; each one's gradient is the other one (see
 `_permute`), so no scatter appears in the backward pass either.
@@ -27,74 +28,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-
-
-def token_capacity(max_real: int, group_tokens: int, levels: int) -> int:
-    """The packed capacity T of a group: `max_real` rounded up to a multiple of
-    `group_tokens / levels` (never below one step, never above `group_tokens`)."""
-    if levels < 1:
-        raise ValueError(f"levels must be >= 1, got {levels}.")
-    step = -(-group_tokens // levels)
-    return min(max(-(-max_real // step), 1) * step, group_tokens)
-
-
-def group_real_counts(mask: np.ndarray, groups: int) -> np.ndarray:
-    """Real tokens of each of `groups` equal row groups of a [rows, L] mask."""
-    rows = mask.shape[0]
-    if rows % groups:
-        raise ValueError(f"{rows} rows cannot be split into {groups} equal groups.")
-    return (np.asarray(mask) != 0).reshape(groups, -1).sum(axis=1)
-
-
-def token_index(mask: np.ndarray, groups: int, capacity: int) -> np.ndarray:
-    """The packed layout of a [rows, L] attention mask, for `Encoder(token_index=...)`.
-
-    Args:
-      mask: [rows, L] attention mask, nonzero at real tokens.
-      groups: G, the number of equal row groups (devices the rows are split over).
-      capacity: T, at least the real-token count of every group.
-
-    Returns:
-      [G, T] int32: entry (g, j) is the flat position (row_in_group * L + column)
-      of group g's j-th real token, in row-major order; unused slots hold
-      rows_per_group * L, one past the group's end.
-    """
-    real = np.asarray(mask).reshape(groups, -1) != 0
-    group_tokens = real.shape[1]
-    counts = real.sum(axis=1)
-    if counts.max(initial=0) > capacity:
-        raise ValueError(f"a group has {counts.max()} real tokens, over the capacity {capacity}.")
-    index = np.full((groups, capacity), group_tokens, np.int32)
-    for g in range(groups):
-        positions = np.flatnonzero(real[g])
-        index[g, : positions.size] = positions
-    return index
-
-
-def batch_token_index(
-    masks, groups: int, levels: int, most_real=None
-) -> tuple[np.ndarray | None, ...]:
-    """`token_index` of every column of a batch, each at its own rounded capacity.
-
-    A column whose capacity would be its whole padded size gets None instead
-    (nothing to skip: it runs padded, without the gathers).
-
-    Args:
-      masks: one [rows, L] attention mask per column.
-      groups: G, row groups (devices) the rows are split over.
-      levels: capacity steps per padded size (`config.model.pack_levels`).
-      most_real: per column, the real-token count the capacity must hold;
-        default the fullest group's of this batch (processes of a multi-host run
-        pass the maximum over all processes, so their shapes agree).
-    """
-    if most_real is None:
-        most_real = [int(group_real_counts(m, groups).max()) for m in masks]
-    out = []
-    for mask, real in zip(masks, most_real, strict=True):
-        capacity = token_capacity(int(real), mask.size // groups, levels)
-        out.append(token_index(mask, groups, capacity) if capacity < mask.size // groups else None)
-    return tuple(out)
 
 
 def _take(x: jax.Array, index: jax.Array) -> jax.Array:
@@ -135,7 +68,7 @@ class Packer:
     A pytree (it crosses `jax.checkpoint`); build it with `Packer.create`.
 
     Attributes:
-      index: [G, T] token index (see `token_index`).
+      index: [G, T] token index (see `embeddings.host_batch.token_index`).
       slots: [G, B/G*L] packed position of each padded position, T at padding.
       shape: (B, L).
     """

@@ -101,6 +101,23 @@ def _download(hub_id: str) -> pathlib.Path:
     try:
         return pathlib.Path(huggingface_hub.snapshot_download(hub_id))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as err:
+        # An HTTP error means the Hub answered: say what it answered, not "unreachable".
+        response = getattr(err, "response", None) if isinstance(err, HfHubHTTPError) else None
+        status = getattr(response, "status_code", None)
+        if status in (401, 403):
+            raise FileNotFoundError(
+                f"{hub_id!r} is not a local folder, and the Hugging Face Hub answered and "
+                f"refused to give it (HTTP {status}, {type(err).__name__}): the model is "
+                "private or gated, or the token is missing or lacks access. Log in with an "
+                "account that may read it (`hf auth login`, or set HF_TOKEN), accept a gated "
+                "model's terms on its Hub page, or pass a local folder instead."
+            ) from err
+        if status == 404:
+            raise FileNotFoundError(
+                f"The Hugging Face Hub has no model {hub_id!r} (HTTP 404) that this account may "
+                "see, and it is not a local folder: check the id (and, for a private model, the "
+                "token), or pass the path of a local folder."
+            ) from err
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
         reason = "HF_HUB_OFFLINE is set" if offline else "the Hub could not be reached"
         raise FileNotFoundError(

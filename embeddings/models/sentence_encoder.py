@@ -123,7 +123,7 @@ class SentenceEncoder:
             attention_mask: [B, L], 1 for real tokens.
             token_type_ids: [B, L] or None.
             token_index: None, or [G, T]: run the dense layers on real tokens only
-                (`packing.token_index`; same result).
+                (`host_batch.token_index`; same result).
             dropout_rng: None for deterministic inference; a PRNG key turns dropout on.
         """
         model = nnx.merge(self.graphdef, _int_keys(params))

@@ -1,23 +1,17 @@
 #!/usr/bin/env bash
 # The GPU rows of bench/README.md in one run on a CUDA machine, each under its own time limit.
 #
-#   bash bench/gpu_suite.sh PREPARED OUT [ROW ...]
+#   bash tools/gpu_suite.sh PREPARED OUT [ROW ...]
 #
-# PREPARED: what bench/gpu_prepare.sh wrote (wheels/ to install, models/<name>/ with or
-# without weights; missing weights are drawn at random by bench/random_model.py).
+# PREPARED: what tools/gpu_prepare.sh wrote (wheels/ to install, models/<name>/ with or
+# without weights; missing weights are drawn at random by tools/random_model.py).
 # OUT: receives suite.log (everything the rows print) and results.jsonl (each finished
 # row's JSON object, with "row" added). ROWs: which to run, in order; default all:
 #   mpnet_profile  MPNet-base bf16 256 x 128 full length: ms/step, MFU, where the time goes
-#   mpnet_norm     the same with the fused residual, dropout and LayerNorm kernels
-#                  (--norm_kernel pallas)
 #   mpnet_cublas   the same with XLA's Triton GEMMs off (cuBLAS for every matmul)
-#   mpnet_norm_cublas both: the fused LayerNorm kernels and cuBLAS (the lowest floor
-#                  of bench/gpu_compile.py)
-#   attention      fused vs XLA attention alone (bench/attention.py)
-#   attention_sweep the fused kernels' tilings (bench/attention.py --sweep; each tiling's
+#   attention      fused vs XLA attention alone (tools/attention.py)
+#   attention_sweep the fused kernels' tilings (tools/attention.py --sweep; each tiling's
 #                  time is in suite.log as soon as it is measured)
-#   mpnet_tiled    the MPNet profile again with the sweep's fastest tiling
-#                  (--attention_tiling); skipped when that is the default or no sweep ran
 #   mpnet_vs_st    MPNet-base bf16 256 Debian pairs, packed, vs sentence-transformers
 #   pipeline       input pipeline alone at batch 1024 with 0, 4, 8, 12 workers
 #   minilm_profile MiniLM-L6 bf16 256 Debian pairs, packed: where the time goes
@@ -30,8 +24,8 @@ set -u
 cd "$(dirname "$0")/.."
 prepared=$1 out=$2
 shift 2
-rows=${*:-mpnet_profile mpnet_norm attention_sweep mpnet_tiled mpnet_cublas mpnet_norm_cublas \
-  attention mpnet_vs_st pipeline minilm_profile attention_ncu}
+rows=${*:-mpnet_profile attention_sweep mpnet_cublas attention mpnet_vs_st pipeline \
+  minilm_profile attention_ncu}
 budget=${SUITE_SECONDS:-540}
 mkdir -p "$out"
 log=$out/suite.log
@@ -50,7 +44,7 @@ mpnet=$prepared/models/all-mpnet-base-v2
 minilm=$prepared/models/all-MiniLM-L6-v2
 for model in "$mpnet" "$minilm"; do
   [ -f "$model/model.safetensors" ] && continue
-  python3 bench/random_model.py "$model" "$model" >>"$log" 2>&1 || {
+  python3 tools/random_model.py "$model" "$model" >>"$log" 2>&1 || {
     echo "random weights for $model failed: see $log"
     exit 1
   }
@@ -95,47 +89,28 @@ row() { # row NAME LIMIT COMMAND...: runs COMMAND, keeps its output and its last
 for name in $rows; do
   case $name in
   mpnet_profile)
-    row "$name" 150 python3 bench/step_profile.py --model "$mpnet" --dtype bfloat16 \
+    row "$name" 150 python3 tools/step_profile.py --model "$mpnet" --dtype bfloat16 \
       --full_length --trace_steps 3 --top 25 $big --json ;;
-  mpnet_norm)
-    row "$name" 100 python3 bench/step_profile.py --model "$mpnet" --dtype bfloat16 \
-      --full_length --norm_kernel pallas --trace_steps 2 --top 10 $big --json ;;
-  mpnet_cublas | mpnet_norm_cublas)
-    norm=$([ "$name" = mpnet_norm_cublas ] && echo pallas || echo xla)
+  mpnet_cublas)
     row "$name" 100 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" \
-      python3 bench/step_profile.py --model "$mpnet" --dtype bfloat16 --full_length \
-      --norm_kernel "$norm" --trace_steps 2 --top 10 $big --json ;;
+      python3 tools/step_profile.py --model "$mpnet" --dtype bfloat16 --full_length \
+      --trace_steps 2 --top 10 $big --json ;;
   attention)
-    row "$name" 60 python3 bench/attention.py $attention --json ;;
+    row "$name" 60 python3 tools/attention.py $attention --json ;;
   attention_sweep)
-    row "$name" 150 python3 bench/attention.py --sweep $attention $sweep --json ;;
-  mpnet_tiled)
-    tiling=$([ -f "$results" ] && python3 - "$results" <<'PY'
-import json, sys
-from embeddings.models.attention_kernel import Tiling, format_tiling
-sweeps = [json.loads(line) for line in open(sys.argv[1]) if '"attention_sweep"' in line]
-print(format_tiling(Tiling(**sweeps[-1]["best"])) if sweeps else "")
-PY
-    )
-    if [ -n "$tiling" ]; then
-      row "$name" 130 python3 bench/step_profile.py --model "$mpnet" --dtype bfloat16 \
-        --full_length --attention_tiling "$tiling" --trace_steps 2 --top 10 $big --json
-    else
-      echo "--- $name: skipped, no attention_sweep result or its fastest tiling is the default" \
-        | tee -a "$log"
-    fi ;;
+    row "$name" 150 python3 tools/attention.py --sweep $attention $sweep --json ;;
   mpnet_vs_st)
     row "$name" 160 python3 bench/step.py --model "$mpnet" --dtype bfloat16 $big --json ;;
   pipeline)
     row "$name" 90 python3 bench/input_pipeline.py $pipeline --json ;;
   minilm_profile)
-    row "$name" 80 python3 bench/step_profile.py --model "$minilm" --dtype bfloat16 \
+    row "$name" 80 python3 tools/step_profile.py --model "$minilm" --dtype bfloat16 \
       --trace_steps 3 --top 15 $big --json ;;
   attention_ncu)
     if command -v ncu >/dev/null; then
       row "$name" 120 ncu --target-processes all --kernel-name regex:attention \
         --launch-count 2 --section SpeedOfLight --section ComputeWorkloadAnalysis \
-        --section MemoryWorkloadAnalysis python3 bench/attention.py $attention --steps 1 --warmup 0
+        --section MemoryWorkloadAnalysis python3 tools/attention.py $attention --steps 1 --warmup 0
     else
       echo "--- $name: skipped, no ncu on this machine" | tee -a "$log"
     fi ;;
@@ -153,9 +128,6 @@ for line in open(sys.argv[1]):
     summary = {k: round(r[k], 4) for k in keys if isinstance(r.get(k), (int, float))}
     for mode in r.get("results", []) if isinstance(r.get("results"), list) else []:
         summary[f"{mode['padding']}, {mode['workers']} workers"] = round(mode["pairs_per_second"])
-    for key in ("attention_tiling", "norm_kernel"):
-        if r.get(key) and r[key] != "xla":
-            summary[key] = r[key]
     if isinstance(r.get("best"), dict):
         summary["best tiling"] = r["best"]
     print(r["row"], summary)

@@ -1,14 +1,13 @@
 """The export command: a workdir's checkpoint -> sentence-transformers folder (-> Hub)."""
 
-import json
-
 import numpy as np
 from etils import epath
 
-from embeddings.checkpointing import find_checkpoint, restore_params
-from embeddings.export import RunInfo, write_sentence_transformer, write_split_towers
-from embeddings.hub import push_to_hub as upload
-from embeddings.model_setup import ModelFiles, load_model_files
+from embeddings.checkpointing import restore_readable_params
+from embeddings.export.folder import RunInfo, write_sentence_transformer, write_split_towers
+from embeddings.export.hub import push_to_hub as upload
+from embeddings.model_setup import ModelSetup
+from embeddings.workdir import load_model_files, read_config, read_data_config, read_metrics
 
 PARITY_SENTENCES = [
     "How many people live in London?",
@@ -27,27 +26,25 @@ def _workdir_of(checkpoint: epath.Path) -> epath.Path:
 
 
 def _run_info(workdir: epath.Path, step: int) -> RunInfo:
-    config = data_config = evaluation = None
-    if (workdir / "config.json").exists():
-        config = json.loads((workdir / "config.json").read_text())
-    if (workdir / "data_config.json").exists():
-        data_config = json.loads((workdir / "data_config.json").read_text())
-    metrics = workdir / "metrics.jsonl"
-    if metrics.exists():
-        for line in metrics.read_text().splitlines():
-            record = json.loads(line) if line.strip() else {}
-            if record.get("step") == step and any(k.startswith("eval/") for k in record):
-                evaluation = {k: v for k, v in record.items() if k.startswith("eval/")}
-    return RunInfo(config=config, data_config=data_config, evaluation=evaluation, step=step)
+    evaluation = None
+    for record in read_metrics(workdir):
+        if record.get("step") == step and any(k.startswith("eval/") for k in record):
+            evaluation = {k: v for k, v in record.items() if k.startswith("eval/")}
+    return RunInfo(
+        config=read_config(workdir),
+        data_config=read_data_config(workdir),
+        evaluation=evaluation,
+        step=step,
+    )
 
 
-def jax_embeddings(files: ModelFiles, params: dict, texts, role: str) -> np.ndarray:
+def jax_embeddings(files: ModelSetup, params: dict, texts, role: str) -> np.ndarray:
     tower = files.model.tower(role)
     return files.model.encoder.encode(params[tower], files.tokenizer, list(texts))
 
 
 def compare_with_sentence_transformers(
-    out, files: ModelFiles, params: dict
+    out, files: ModelSetup, params: dict
 ) -> dict[str, float] | None:
     """Max |JAX - SentenceTransformer(out)| per role, or None without torch/ST."""
     try:
@@ -81,10 +78,9 @@ def export_run(
     hub_api=None,
 ) -> dict:
     """Exports one checkpoint; prints what it did and returns a summary dict."""
-    checkpoint = find_checkpoint(workdir, step=step, best=best)
+    checkpoint, params = restore_readable_params(workdir, step=step, best=best)
     run_dir = _workdir_of(checkpoint)
     files = load_model_files(run_dir, dtype="float32")
-    params = restore_params(checkpoint)
     step = int(checkpoint.name)
     run = _run_info(run_dir, step)
     name = push_to_hub or epath.Path(output).name

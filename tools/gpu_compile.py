@@ -3,7 +3,7 @@
     python -m venv --system-site-packages /tmp/gpu-compile     # ~5 GB: CUDA's libraries
     /tmp/gpu-compile/bin/pip install "jax-cuda12-plugin[with-cuda]==$(python -c \\
         'import jax; print(jax.__version__)')"
-    /tmp/gpu-compile/bin/python bench/gpu_compile.py --model PATH/all-mpnet-base-v2 \\
+    /tmp/gpu-compile/bin/python tools/gpu_compile.py --model PATH/all-mpnet-base-v2 \\
         --dtype bfloat16 --batch_size 256 --full_length [--gpu h100|h200] [--json]
 
 JAX compiles ahead of time for a GPU that a target description names
@@ -11,12 +11,13 @@ JAX compiles ahead of time for a GPU that a target description names
 run as on the device, but nothing is autotuned (GEMMs take XLA's default
 choice), so the program can differ a little from the one a GPU runs. The model
 picks its attention kernels by the default backend, the CPU here; the script
-makes it pick as on a GPU.
+makes it pick as on a GPU by patching `jax.default_backend` while it traces
+(needed until "auto" is resolved where the model is built, issue 18.1).
 
 It prints two things:
-1. The step's floor (`bench/_roofline.py`): each op's time at the GPU's memory
+1. The step's floor (`tools/roofline.py`): each op's time at the GPU's memory
    bandwidth or peak bf16 FLOP rate, whichever bounds it, by kind and pass and
-   by line of model code (`bench/_hlo_trace.py`'s attribution). Comparing two
+   by line of model code (`tools/hlo_trace.py`'s attribution). Comparing two
    variants' floors says which moves fewer bytes; a measured step divided by
    its floor says how far the kernels are from the hardware.
 2. Each Triton kernel (the Pallas attention kernels): its grid, warps,
@@ -48,11 +49,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bench import _hlo_trace, _roofline, _timing
+from bench import _timing
 from bench import step as step_bench
-from embeddings.models import load_pretrained
-from embeddings.models.packing import batch_token_index
+from embeddings.host_batch import batch_token_index
 from embeddings.sharding import DATA_AXES
+from tools import hlo_trace, roofline
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # XLA's description of each GPU (xla/tools/hlo_opt/gpu_specs/*.txtpb has the same
@@ -107,13 +108,8 @@ def compile_step(args, dump: pathlib.Path) -> str:
     )
     mesh = Mesh(np.asarray(topology.devices).reshape(1, 1), ("data", "fsdp"))
     folder = step_bench.model_dir(args.model)
-    pre = load_pretrained(str(folder))
-    parts = step_bench.StepParts.build(pre, args.dtype, **step_bench.model_kernels(args))
-    state = jax.eval_shape(parts.init_state)
-    replicated = NamedSharding(mesh, P())
-    shardings = jax.tree.map(lambda _: replicated, state)
-    state = jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), state
+    _, training = step_bench.build_ours(
+        folder, mesh, dtype=args.dtype, **step_bench.model_kernels(args)
     )
     host = step_bench.host_batch(args, folder)
     if args.pack_levels:
@@ -123,9 +119,8 @@ def compile_step(args, dump: pathlib.Path) -> str:
     batch = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=rows), host
     )
-    step = parts.jit(mesh, shardings)
     with _as_if_on_gpu():
-        compiled = step.lower(state, batch).compile(
+        compiled = training.train_step.lower(training.abstract_state, batch).compile(
             compiler_options={"xla_dump_to": str(dump), "xla_gpu_dump_llvmir": True}
         )
     return compiled.as_text()
@@ -141,7 +136,7 @@ def _ptxas() -> str | None:
     return shutil.which("ptxas")
 
 
-def triton_kernels(module: _hlo_trace.HloModule) -> dict[str, dict]:
+def triton_kernels(module: hlo_trace.HloModule) -> dict[str, dict]:
     """Name -> grid and warps of each Triton custom call (the Pallas kernels)."""
     kernels = {}
     for instruction in module.instructions.values():
@@ -217,12 +212,12 @@ def kernel_registers(dump: pathlib.Path, kernels: dict[str, dict], ptxas: str) -
 def analyse(args, dump: pathlib.Path) -> dict:
     hlo = compile_step(args, dump)
     (dump / "train_step.hlo.txt").write_text(hlo)
-    module = _hlo_trace.HloModule.parse(hlo)
-    costs = _roofline.op_costs(module)
+    module = hlo_trace.HloModule.parse(hlo)
+    costs = roofline.op_costs(module)
     bandwidth = GPUS[args.gpu]["bandwidth"]
-    ideal = _roofline.ideal_microseconds(costs, bandwidth, PEAK_BF16)
-    ops = _hlo_trace.attribute(module, ideal, within=str(REPO / "embeddings"))
-    summary = _hlo_trace.summarise(ops, 1, args.top)
+    ideal = roofline.ideal_microseconds(costs, bandwidth, PEAK_BF16)
+    ops = hlo_trace.attribute(module, ideal, within=str(REPO / "embeddings"))
+    summary = hlo_trace.summarise(ops, 1, args.top)
     ptxas = _ptxas()
     kernels = triton_kernels(module)
     return {
@@ -252,7 +247,7 @@ def print_report(r: dict) -> None:
         f"{r['matmul_tflops']:.2f} TFLOP of matmuls at {r['peak_flops'] / 1e12:.0f} TFLOP/s)\n"
     )
     _timing.print_table(
-        ["kind", *(f"{p} ms" for p in _hlo_trace.PHASES)],
+        ["kind", *(f"{p} ms" for p in hlo_trace.PHASES)],
         [[k, *(f"{v:.2f}" for v in by.values())] for k, by in r["by_kind"].items()],
     )
     print()

@@ -1,8 +1,8 @@
 """Attention alone: XLA's attention vs the fused Pallas kernels, forward and forward + backward.
 
-    python bench/attention.py [--batch_size 512] [--length 128] [--heads 12] \
+    python tools/attention.py [--batch_size 512] [--length 128] [--heads 12] \
         [--head_dim 64] [--dtype bfloat16] [--rate 0.1] [--no_bias] [--steps 20] [--json]
-    python bench/attention.py --sweep [--sweep_max N] ...   # the kernels' tilings
+    python tools/attention.py --sweep [--sweep_max N] ...   # the kernels' tilings
 
 Times `layers.attend` on random [batch, length, heads, head_dim] inputs with a
 random key-padding mask, MPNet's [heads, length, length] bias (unless
@@ -45,33 +45,18 @@ KERNELS = ("xla", "pallas")
 # out: tilings that ptxas reports spilling registers for sm_90 at head size 64
 # (forward 128-row blocks with 4 warps; one-kernel backward with 64-row blocks,
 # or 4 or 16 warps: its programs keep a whole sequence's key and value gradients
-# in registers). The split backward (`Tiling.backward_key_block`) needs 98-128
-# registers with 8 warps, so an SM holds two of its programs where it holds one
-# of the one-kernel backward's 255.
+# in registers).
 FORWARD_SWEEP = [
     {"forward_block": block, "forward_warps": warps, "forward_stages": stages}
     for block, warps in ((64, 4), (32, 4), (32, 8), (64, 8), (128, 8))
     for stages in (1, 2)
 ]
-_SPLIT = {"backward_key_block": 64, "query_gradient_block": 32, "query_gradient_warps": 8}
 BACKWARD_SWEEP = [
     {},  # the default: one kernel, 32-row blocks, 32 programs per head, 8 warps
     {"backward_stages": 2},
     {"backward_block": 16},
     {"backward_programs_per_head": 64},
     {"backward_programs_per_head": 16},
-    _SPLIT,
-    {**_SPLIT, "query_gradient_block": 64, "query_gradient_warps": 4},
-    # Every matmul a Hopper warpgroup MMA (64-row tiles; bench/gpu_compile.py's wgmma share).
-    {**_SPLIT, "backward_block": 64, "query_gradient_block": 64, "query_gradient_warps": 4},
-    {**_SPLIT, "query_gradient_warps": 4},
-    {**_SPLIT, "backward_block": 16},
-    {**_SPLIT, "backward_key_block": 32},
-    {**_SPLIT, "backward_key_block": 32, "backward_warps": 4},
-    {**_SPLIT, "backward_programs_per_head": 64},
-    {**_SPLIT, "backward_programs_per_head": 16},
-    {**_SPLIT, "backward_stages": 2},
-    {**_SPLIT, "backward_key_block": 128},
 ]
 
 

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Gathers, where PyPI is reachable, what bench/gpu_suite.sh needs on a CUDA machine that
+# Gathers, where PyPI is reachable, what tools/gpu_suite.sh needs on a CUDA machine that
 # cannot download anything: wheels of our dependencies that such an image may lack, and the
 # skeletons (config, tokenizer, pooling; no weights) of all-mpnet-base-v2 and
 # all-MiniLM-L6-v2, small enough to carry (~6 MB). The suite draws random weights there.
 #
-#   bash bench/gpu_prepare.sh [DIR] [PYTHON]      # defaults: .gpu (git-ignored), 3.12
+#   bash tools/gpu_prepare.sh [DIR] [PYTHON]      # defaults: .gpu (git-ignored), 3.12
 #
 # PYTHON is the CUDA machine's Python version (the wheels are built for it).
 set -euo pipefail
@@ -22,7 +22,8 @@ python3 -m pip download -q --no-deps --only-binary=:all: \
 python3 - "$dir/models" <<'PY'
 import pathlib, sys, tempfile
 sys.path.insert(0, ".")
-from bench import parity, random_model
+from bench import parity
+from tools import random_model
 models = pathlib.Path(sys.argv[1])
 cache = pathlib.Path(tempfile.gettempdir()) / "embeddings-bench-models"  # ~440 MB, not carried
 for name, find in parity.MODELS.values():

@@ -1,6 +1,6 @@
 """A model folder with random weights, for throughput runs where the real ones cannot travel.
 
-    python bench/random_model.py SOURCE OUT [--no_weights] [--seed 0]
+    python tools/random_model.py SOURCE OUT [--no_weights] [--seed 0]
 
 Copies every file of SOURCE (a Hugging Face or sentence-transformers model
 folder) except its weights (`*.safetensors`, `*.bin`, `*.pt`, `*.h5`,

@@ -1,4 +1,4 @@
-"""Checkpoint -> sentence-transformers folder.
+"""Writing a sentence-transformers folder from a model and its parameters.
 
 The folder is written in the classic sentence-transformers layout (module
 types `sentence_transformers.models.*`, pooling flags in 1_Pooling/config.json,
@@ -11,11 +11,15 @@ the seed multi-QA_v1-mpnet-asymmetric-Q/-A models were published.
 
 Everything is written into a temporary sibling folder first and renamed into
 place at the end, so a failed export never leaves a half-written model and
-never touches an existing one.
+never touches an existing one. An export killed before the rename leaves its
+temporary folder (`.OUT.tmp-<pid>-*`); the next export to OUT removes it once
+that process is gone. The files get the permissions the user's umask allows
+(as `cp` or `mkdir` would), not the private ones of a temporary folder.
 """
 
 import dataclasses
 import json
+import os
 import shutil
 import tempfile
 
@@ -23,8 +27,8 @@ import numpy as np
 from etils import epath
 from safetensors.numpy import save_file
 
-from embeddings.model_card import write_model_card
-from embeddings.model_setup import ModelFiles
+from embeddings.export.card import write_model_card
+from embeddings.model_setup import ModelSetup
 from embeddings.models import hf_state_dict
 
 TRANSFORMER = "sentence_transformers.models.Transformer"
@@ -43,7 +47,7 @@ def _write_json(path: epath.Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
-def _write_transformer(folder: epath.Path, files: ModelFiles, params: dict, tower: str) -> None:
+def _write_transformer(folder: epath.Path, files: ModelSetup, params: dict, tower: str) -> None:
     """config.json, model.safetensors, tokenizer and sentence_bert_config.json."""
     folder.mkdir(parents=True, exist_ok=True)
     config = files.model.encoder.config
@@ -58,7 +62,7 @@ def _write_transformer(folder: epath.Path, files: ModelFiles, params: dict, towe
     )
 
 
-def _write_pooling(folder: epath.Path, files: ModelFiles) -> None:
+def _write_pooling(folder: epath.Path, files: ModelSetup) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     pooling = {"word_embedding_dimension": files.model.encoder.config.hidden_size}
     for mode, flag in POOLING_FLAGS.items():
@@ -69,7 +73,7 @@ def _write_pooling(folder: epath.Path, files: ModelFiles) -> None:
     _write_json(folder / "config.json", pooling)
 
 
-def _write_st_config(folder: epath.Path, files: ModelFiles, prompts: dict) -> None:
+def _write_st_config(folder: epath.Path, files: ModelSetup, prompts: dict) -> None:
     _write_json(
         folder / "config_sentence_transformers.json",
         {
@@ -81,7 +85,7 @@ def _write_st_config(folder: epath.Path, files: ModelFiles, prompts: dict) -> No
     )
 
 
-def _write_single_tower(out: epath.Path, files: ModelFiles, params: dict, tower: str) -> None:
+def _write_single_tower(out: epath.Path, files: ModelSetup, params: dict, tower: str) -> None:
     _write_transformer(out, files, params, tower)
     _write_pooling(out / "1_Pooling", files)
     modules = [
@@ -95,7 +99,7 @@ def _write_single_tower(out: epath.Path, files: ModelFiles, params: dict, tower:
     _write_st_config(out, files, prompts={})
 
 
-def _write_router(out: epath.Path, files: ModelFiles, params: dict) -> None:
+def _write_router(out: epath.Path, files: ModelSetup, params: dict) -> None:
     types, structure = {}, {}
     for route in ("query", "document"):
         transformer, pooling = f"{route}_0_Transformer", f"{route}_1_Pooling"
@@ -129,8 +133,55 @@ class RunInfo:
     step: int | None = None
 
 
+def _temporary_prefix(out: epath.Path) -> str:
+    return f".{out.name}.tmp-"
+
+
+def _process_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_exports(out: epath.Path) -> list[epath.Path]:
+    """Removes the temporary folders that interrupted exports to `out` left; returns them.
+
+    A folder whose exporting process still runs (its pid is in the name) is
+    another export in progress and is kept.
+    """
+    prefix = _temporary_prefix(out)
+    removed = []
+    for folder in out.parent.glob(prefix + "*"):
+        pid = folder.name[len(prefix) :].split("-")[0]
+        if pid.isdigit() and _process_running(int(pid)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def _allow_umask(folder: epath.Path) -> None:
+    """Gives `folder` and everything in it the modes the user's umask allows.
+
+    `tempfile.mkdtemp` makes a 0700 folder (and some writers 0600 files); an
+    exported model is meant to be shared like any file the user writes.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
+
+
 def write_sentence_transformer(
-    files: ModelFiles,
+    files: ModelSetup,
     params: dict,
     out,
     *,
@@ -157,7 +208,10 @@ def write_sentence_transformer(
             f"{out} exists and is not empty: choose another --output, or pass --overwrite."
         )
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = epath.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=str(out.parent)))
+    for stale in remove_stale_exports(out):
+        print(f"Removed {stale}, the partial output of an interrupted export.", flush=True)
+    prefix = f"{_temporary_prefix(out)}{os.getpid()}-"
+    tmp = epath.Path(tempfile.mkdtemp(prefix=prefix, dir=str(out.parent)))
     try:
         if files.model.tied:
             _write_single_tower(tmp, files, params["encoder"], "encoder")
@@ -168,6 +222,7 @@ def write_sentence_transformer(
         if run.data_config is not None:
             _write_json(tmp / "data_config.json", run.data_config)
         write_model_card(tmp / "README.md", files, run, model_name or out.name)
+        _allow_umask(tmp)
         if out.exists():
             backup = out.parent / f".{out.name}.old"
             shutil.rmtree(backup, ignore_errors=True)
@@ -182,7 +237,7 @@ def write_sentence_transformer(
     return out
 
 
-def write_split_towers(files: ModelFiles, params: dict, out, **kwargs) -> list[epath.Path]:
+def write_split_towers(files: ModelSetup, params: dict, out, **kwargs) -> list[epath.Path]:
     """Untied models: OUT-Q (query tower) and OUT-A (answer/document tower)."""
     if files.model.tied:
         raise ValueError("--split_towers needs an untied model (config.model.tied=False).")

@@ -1,14 +1,14 @@
 """Where our training step's time goes: a `jax.profiler` trace joined with the compiled HLO.
 
-    python bench/step_profile.py [--json] [--model minilm|tiny|PATH] [--dtype float32|bfloat16] \
+    python tools/step_profile.py [--json] [--model minilm|tiny|PATH] [--dtype float32|bfloat16] \
         [--batch_size 64] [--max_length 128] [--full_length] [--padding max_length|longest] \
-        [--pack_levels 8] [--attention_kernel auto|xla|pallas] [--norm_kernel xla|pallas] \
+        [--pack_levels 8] [--attention_kernel auto|xla|pallas] \
         [--steps 5] [--warmup 2] [--trace_steps 3] [--top 15] [--trace_dir DIR]
 
 Builds the same step and batch as bench/step.py's "ours" side (one device),
 times --steps steps after --warmup (median: ms/step, pairs/s and, on a GPU,
 MFU), then traces --trace_steps more and attributes every traced op
-(bench/_hlo_trace.py) to
+(tools/hlo_trace.py) to
 - a kind: matmul (dots and GEMM library calls), fused kernel (the Pallas
   attention kernels on a GPU), collective, copy, elementwise (XLA's other
   fusions: LayerNorm, GELU, dropout, softmax, AdamW, ...);
@@ -37,9 +37,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from
 
 import jax
 
-from bench import _hlo_trace, _timing
+from bench import _timing
 from bench import step as step_bench
 from embeddings import flops
+from tools import hlo_trace
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -66,16 +67,16 @@ def measure(args, trace_dir: pathlib.Path) -> dict:
     with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
         for _ in range(args.trace_steps):
             ours(batch)
-    module = _hlo_trace.HloModule.parse(hlo)
-    trace = _hlo_trace.load_trace(_hlo_trace.find_trace(trace_dir))
-    traced = _hlo_trace.op_times(trace, module.name)
-    ops = _hlo_trace.attribute(module, traced, within=str(REPO / "embeddings"))
+    module = hlo_trace.HloModule.parse(hlo)
+    trace = hlo_trace.load_trace(hlo_trace.find_trace(trace_dir))
+    traced = hlo_trace.op_times(trace, module.name)
+    ops = hlo_trace.attribute(module, traced, within=str(REPO / "embeddings"))
     step_s = _timing.median(times)
-    summary = _hlo_trace.summarise(ops, args.trace_steps, args.top)
+    summary = hlo_trace.summarise(ops, args.trace_steps, args.top)
     if not ops:
         print(
             f"warning: the trace has no op of HLO module {module.name} (this JAX's profiler "
-            "writes a format bench/_hlo_trace.py does not read; see trace_lines in the JSON); "
+            "writes a format tools/hlo_trace.py does not read; see trace_lines in the JSON); "
             "the step time stands, the breakdown is empty.",
             file=sys.stderr,
         )
@@ -105,7 +106,7 @@ def measure(args, trace_dir: pathlib.Path) -> dict:
         "model_flops_per_step": model_flops,
         **({"mfu": model_flops / step_s / peak} if peak else {}),
         **summary,
-        "trace_lines": _hlo_trace.op_lines(trace),
+        "trace_lines": hlo_trace.op_lines(trace),
         **_timing.jax_facts(),
         **_timing.machine(),
     }
@@ -133,9 +134,9 @@ def print_report(r: dict) -> None:
     for kind, phases in r["by_kind"].items():
         total = sum(phases.values())
         if total:
-            by_phase = (f"{phases[p]:.1f}" for p in _hlo_trace.PHASES)
+            by_phase = (f"{phases[p]:.1f}" for p in hlo_trace.PHASES)
             rows.append([kind, *by_phase, f"{total:.1f}", f"{total / traced:.0%}"])
-    _timing.print_table(["kind", *_hlo_trace.PHASES, "ms/step", "share"], rows)
+    _timing.print_table(["kind", *hlo_trace.PHASES, "ms/step", "share"], rows)
     print()
     _timing.print_table(
         ["source", "kinds", "ops", "ms/step", "share"],

@@ -14,7 +14,7 @@ each op's time is attributed to a kind, a pass and a line of model code.
 Checked against real traces of this JAX (0.10) on the CPU; the GPU rules (the
 "/device:" processes, their "Stream" threads, custom-call targets) follow the
 trace and HLO formats JAX's profiler and XLA's GPU backend write, and
-`bench/step_profile.py` prints the traced time next to the measured step time so a
+`tools/step_profile.py` prints the traced time next to the measured step time so a
 misread GPU trace shows (more traced time than the step takes).
 """
 

@@ -7,7 +7,7 @@ dot or calls a cuBLAS GEMM it also counts 2 x output elements x contracted size
 FLOPs. `ideal_microseconds` turns the two into the op's time at the memory
 bandwidth or at the peak FLOP rate, whichever bounds it. No kernel beats that
 time, so the sum compares program variants without running them
-(`bench/gpu_compile.py` compiles for a GPU on a machine without one) and says
+(`tools/gpu_compile.py` compiles for a GPU on a machine without one) and says
 how far a measured step is from its floor.
 
 What it does not know: the work inside a custom kernel (the Pallas attention
@@ -21,7 +21,7 @@ import dataclasses
 import json
 import re
 
-from bench._hlo_trace import CONTROL_FLOW, HloModule, Instruction
+from tools.hlo_trace import CONTROL_FLOW, HloModule, Instruction
 
 _ITEM_BYTES = {
     "pred": 1,

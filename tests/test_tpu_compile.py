@@ -1,0 +1,104 @@
+"""bench/compile.py: the training step compiled by XLA's real TPU compiler on this CPU.
+
+Needs libtpu (`pip install "jax[tpu]==<jax's version>"`); every test skips with
+the reason when it cannot load. `get_topology_desc` describes TPU devices that
+are not here, so what compiles is a real TPU program, not a fake CPU device.
+"""
+
+import os
+
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no cloud metadata look-ups
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other test processes may hold it
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from bench import compile as tpu_compile
+from configs import tiny
+
+pytestmark = pytest.mark.slow  # each compile of the tiny step takes ~1 min on 2 cores
+
+
+@pytest.fixture(scope="module")
+def topology():
+    """A TPU v3-8's description, or a skip saying why libtpu cannot give one."""
+    from jax.experimental import topologies
+
+    try:
+        return topologies.get_topology_desc(
+            topology_name=tpu_compile.TARGETS["tpu-v3-8"].topology, platform="tpu"
+        )
+    except Exception as error:  # no libtpu, or one that cannot load here
+        pytest.skip(f"libtpu cannot describe a TPU here ({type(error).__name__}: {error})"[:300])
+
+
+def test_a_hand_written_matmul_is_costed_per_core(topology):
+    """FLOPs, bytes and buffers of `a @ b` with a's rows split over 8 v3 cores,
+    counted by hand: each core multiplies 128 x 2048 by 2048 x 512."""
+    devices = np.asarray(topology.devices)
+    assert len(devices) == 8 and devices[0].device_kind == "TPU v3"
+    mesh = jax.sharding.Mesh(devices, ("rows",))
+    a = jax.ShapeDtypeStruct((1024, 2048), jnp.bfloat16, sharding=NamedSharding(mesh, P("rows")))
+    b = jax.ShapeDtypeStruct((2048, 512), jnp.bfloat16, sharding=NamedSharding(mesh, P()))
+
+    def matmul(a, b):
+        return a @ b
+
+    compiled = jax.jit(matmul).lower(a, b).compile()
+    r = tpu_compile.step_costs(compiled, hbm_gib=16)
+    rows = 1024 // 8
+    assert r["flops"] == 2 * rows * 2048 * 512
+    a_bytes, b_bytes, out_bytes = rows * 2048 * 2, 2048 * 512 * 2, rows * 512 * 2
+    assert r["bytes_accessed"] == a_bytes + b_bytes + out_bytes
+    assert r["argument_bytes"] == a_bytes + b_bytes
+    assert r["unaliased_output_bytes"] == out_bytes  # nothing donated
+    assert r["hbm_bytes"] == a_bytes + b_bytes + out_bytes + r["temp_bytes"]
+    assert r["fits"] and r["hbm_capacity_bytes"] == 16 * 2**30
+    assert 0 < r["floor_seconds"] < 1e-3
+    # The largest op is the dot, moving its operands and result once, built on
+    # the line of `matmul` above (the attribution bench/compile.py prints).
+    top = tpu_compile.largest(compiled.as_text(), top=3, within=os.path.dirname(__file__))
+    first = top["top_ops"][0]
+    assert first["kind"] == "matmul" and first["bytes"] == a_bytes + b_bytes + out_bytes
+    assert "test_tpu_compile.py:" in first["source"] and "matmul" in first["source"]
+
+
+def _params_count(config) -> int:
+    from embeddings.model_setup import build_model
+
+    return sum(np.size(x) for x in jax.tree.leaves(build_model(config).params))
+
+
+def test_tiny_recipe_compiles_for_a_v3_8_and_fits(topology):
+    config = tiny.get_config()
+    compiled, facts = tpu_compile.compile_for(config, tpu_compile.TARGETS["tpu-v3-8"])
+    r = tpu_compile.analyse(compiled, facts, config, tpu_compile.TARGETS["tpu-v3-8"], top=5)
+    assert (r["devices"], r["hosts"], r["device_kind"]) == (8, 1, "TPU v3")
+    assert r["mesh"] == {"data": 8, "fsdp": 1}
+    assert r["lengths"] == [config.data.max_length_anchor, config.data.max_length_document]
+    # Replicated state: float32 parameters and both Adam moments on every core.
+    state = 3 * 4 * _params_count(config)
+    assert state <= r["argument_bytes"] < state * 1.05 + 2**20
+    assert r["fits"] and r["flops"] > 0 and r["floor_seconds"] > 0
+    # Per core: the model's real-token FLOPs (forward + backward) over 8 cores are
+    # at most what each core's program computes (which adds the loss and update).
+    assert facts["model_flops_per_step"] / 8 <= r["flops"]
+    assert r["top_ops"] and r["by_source"]
+
+
+def test_tiny_recipe_compiles_for_two_hosts_with_fsdp(topology):
+    """A v4-16 slice (2 hosts x 4 chips x 2 cores) with the project's FSDP mesh:
+    each core holds about half of the state."""
+    config = tiny.get_config()
+    config.mesh.fsdp = 2
+    target = tpu_compile.TARGETS["tpu-v4-16"]
+    compiled, facts = tpu_compile.compile_for(config, target)
+    r = tpu_compile.step_costs(compiled, target.hbm_gib)
+    assert (facts["devices"], facts["hosts"]) == (16, 2)
+    assert facts["mesh"] == {"data": 8, "fsdp": 2}
+    state = 3 * 4 * _params_count(config)
+    assert 0.45 * state < r["argument_bytes"] < 0.55 * state + 2**20
