@@ -261,3 +261,22 @@ def test_a_conflicting_layout_says_which_line_fixed_it(tmp_path):
     _, good, bad = read_all(tmp_path, {"name": "n.jsonl", "weight": 1})
     assert len(good) == 1 and len(bad) == 1
     assert "fixed from line 1 of this file" in bad[0] and "['query', 'pos']" in bad[0]
+
+
+def test_corrupt_gzip_data_names_the_file_and_the_line_reached(tmp_path):
+    from embeddings.data import MalformedDataError
+
+    path = write_lines(
+        tmp_path / "bad.jsonl.gz", [[f"query {i} {i * i}", f"passage {i}"] for i in range(5000)]
+    )
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(64)  # zeros over a stretch of deflate data
+    path.write_bytes(bytes(data))
+    with pytest.raises(MalformedDataError) as error:
+        read_all(tmp_path, {"name": "bad.jsonl.gz", "weight": 1})
+    message = str(error.value)
+    # zlib may decode the damaged stretch into garbage; gzip's CRC then fails at the end.
+    assert str(path) in message and "corrupt gzip data after line" in message
+    line = int(message.split("after line ")[1].split()[0])
+    assert 100 < line <= 5000  # the good top of the file was read
