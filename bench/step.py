@@ -185,7 +185,9 @@ def training_config(grad_cache_chunk: int = 0):
     return config
 
 
-def build_ours(folder, mesh, *, dtype="float32", grad_cache_chunk=0, attention_kernel="auto"):
+def build_ours(
+    folder, mesh, *, dtype="float32", grad_cache_chunk=0, attention_kernel="auto", backend=None
+):
     """Our model and training step for a model folder, built by train.py's own code
     (`model_setup.build_model`, `step_setup.build_training`) from `training_config`.
 
@@ -197,7 +199,7 @@ def build_ours(folder, mesh, *, dtype="float32", grad_cache_chunk=0, attention_k
     config.model.dtype = dtype
     config.model.attention_kernel = attention_kernel
     config.total_steps = SCHEDULE_STEPS
-    setup = build_model(config)
+    setup = build_model(config, mesh=mesh, backend=backend)
     return setup, build_training(config, setup.model, setup.params, mesh)
 
 

@@ -29,7 +29,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval_at_start = True  # evaluate the starting model before the first step
     config.checkpoint_every = 5_000  # steps between checkpoints (the last step always saves)
     config.keep_checkpoints = 3  # newest checkpoints kept in WORKDIR/checkpoints
-    config.best_metric = ""  # e.g. "eval/retrieval/mrr@10": also keep the best step in WORKDIR/best
+    # e.g. "eval/retrieval/mrr@10" or "eval/mean": also keep the best step in WORKDIR/best
+    config.best_metric = ""
     config.best_mode = "max"  # "max" or "min": which direction of best_metric is better
     config.resume_from = ""  # checkpoint step folder to start from when WORKDIR has none
 
@@ -53,6 +54,11 @@ def get_config() -> ml_collections.ConfigDict:
             # (one core each); 0 = the thread does it all. Same batches for any value.
             # A GPU or TPU host feeding a small model fast wants several.
             workers=0,
+            # Rows {"query": q, "pos": [...], "neg": [...]} (or anchor/positive/negative):
+            # 0 = the first element of each list; k > 0 = one positive and k negatives
+            # drawn from the lists at every use, from (seed, epoch, line), so a resumed
+            # run draws the same (Tevatron's train_group_size = k + 1).
+            negatives_per_row=0,
         )
     )
 
@@ -72,21 +78,11 @@ def get_config() -> ml_collections.ConfigDict:
             normalize=config_dict.placeholder(bool),
             dtype="float32",  # compute dtype: "float32" or "bfloat16" (parameters stay float32)
             remat=False,  # recompute each layer's activations in the backward pass
-            # Attention: "auto" = fused Pallas kernels (models/attention_kernel.py) on
-            # GPUs where they beat XLA (head size 64, lengths <= 128), else XLA;
+            # Attention: "auto" = fused Pallas kernels (models/kernels/) on GPUs
+            # where they beat XLA (head size 64, lengths <= 128), else XLA;
             # "xla"; "pallas" wherever they fit (interpreted, slowly, off a GPU).
             # Same results and dropout masks either way.
             attention_kernel="auto",
-            # How the Pallas kernels split their work (speed only, same results):
-            # "name=value,..." of models/attention_kernel.py's Tiling, e.g.
-            # "backward_key_block=64"; "" = its defaults (the fastest measured on
-            # an H100). `python bench/attention.py --sweep` times tilings on a GPU.
-            attention_tiling="",
-            # Each sublayer's residual add, hidden dropout and LayerNorm: "xla" =
-            # separate XLA passes; "pallas" = one fused kernel each way
-            # (models/norm_kernel.py; interpreted, slowly, off a GPU). Same results
-            # and dropout masks either way; not yet timed on a GPU, so not the default.
-            norm_kernel="xla",
             # Run embeddings, projections, feed-forward and LayerNorms on real tokens
             # only (attention stays padded; same result, ~1/(1 - padding share)
             # less work there). N > 0 rounds each column's packed size up to one of
@@ -111,7 +107,13 @@ def get_config() -> ml_collections.ConfigDict:
     # ---- Loss ----
     config.loss = ml_collections.ConfigDict(
         dict(
-            kind="mnrl",  # "mnrl": in-batch negatives softmax; "margin_mse": distillation margins
+            # "mnrl": in-batch negatives softmax. "gist": the same with guided false-negative
+            # filtering (sentence-transformers' GISTEmbedLoss; needs guide.init).
+            # Distillation from teacher labels in the rows (data/README.md, "Teacher
+            # labels"): "margin_mse" (margin or scores rows, k >= 1 negatives), "distill_kl"
+            # (listwise KL to teacher scores; scores rows), "embedding_mse" (MSE to teacher
+            # embeddings; embedding rows).
+            kind="mnrl",
             similarity="cosine",  # "cosine" or "dot" (also written into the exported model)
             scale=20.0,  # logits = scale * similarity (1.0 for dot product)
             # "pairs": symmetric (a->b and b->a averaged) for pairs, one-way when the
@@ -120,6 +122,27 @@ def get_config() -> ml_collections.ConfigDict:
             mask_false_negatives=True,  # drop candidates whose text equals the anchor's positive
             matryoshka_dims=(),  # e.g. (384, 256, 128, 64): loss summed over truncated sizes
             matryoshka_weights=(),  # one weight per dim; () = all 1
+            # "distill_kl" only: softmax temperature of student and teacher scores
+            # (the loss is multiplied by its square, as sentence-transformers does).
+            temperature=1.0,
+            # kind "gist" only: a frozen guide model scores the same global batch in every
+            # step; in-batch candidates it scores above the anchor's positive are masked.
+            # Use scale=100 (GIST's temperature 0.01) and cosine to match sentence-transformers.
+            # mask_false_negatives does not apply; a copy of the positive scores equal to it,
+            # not above, so margin=0 keeps it (any margin > 0 masks it).
+            guide=ml_collections.ConfigDict(
+                dict(
+                    # Local folder or Hub id of any supported encoder with the model's
+                    # tokenizer (loaded like model.init); never trained, not checkpointed.
+                    init="",
+                    # "absolute": mask when guide(a, c) > guide(a, pos) - margin;
+                    # "relative": when guide(a, c) > guide(a, pos) * (1 - margin) (pos > 0).
+                    margin_strategy="absolute",
+                    margin=0.0,  # 0 = mask whatever the guide scores above the positive
+                    contrast_anchors=True,  # also contrast each anchor with the other anchors
+                    contrast_positives=True,  # and each positive with the other positives
+                )
+            ),
         )
     )
 
@@ -151,9 +174,23 @@ def get_config() -> ml_collections.ConfigDict:
         dict(
             sts_file="data/stsbenchmark.tsv.gz",  # STS benchmark; "" disables
             sts_split="dev",  # "train" | "dev" | "test"
-            retrieval_file="data/debian_retrieval_dev.jsonl.gz",  # query/document set; "" disables
+            # Retrieval set (Debian JSONL or a BEIR folder such as
+            # data/debian_retrieval_dev); "" disables.
+            retrieval_file="data/debian_retrieval_dev.jsonl.gz",
             max_queries=0,  # retrieval queries used (0 = all); the corpus is always whole
-            batch_size=128,  # texts per encoding batch
+            # Texts per encoding batch, split over all devices (rows rounded up to a
+            # multiple of the device count).
+            batch_size=128,
+            # More tasks, each logged as eval/<name>/<metric> (after sts_file's and
+            # retrieval_file's): dicts with name, kind ("sts" | "retrieval" |
+            # "reranking" | "pair_classification"), data (file, BEIR folder, Hub
+            # id or "NanoBEIR"), optional split and max_queries. See
+            # embeddings/evaluation/tasks.py and data/README.md, e.g.
+            # (dict(name="graded", kind="retrieval", data="data/debian_graded"),)
+            tasks=(),
+            # "<task name>/<metric>" keys averaged into eval/mean (a best_metric that
+            # weighs several tasks), e.g. ("sts/spearman_cosine", "retrieval/ndcg@10").
+            mean_of=(),
         )
     )
     return config

@@ -10,12 +10,11 @@ import math
 import ml_collections
 
 from embeddings.data.pipeline import batch_split_problem
-from embeddings.losses import SIMILARITIES
+from embeddings.evaluation.tasks import TaskError, validate_eval
+from embeddings.losses import LOSS_KINDS, MARGIN_STRATEGIES, SIMILARITIES, SYMMETRIC_CHOICES
 from embeddings.models import POOLING_MODES, SUPPORTED_MODEL_TYPES
-from embeddings.models.attention_kernel import parse_tiling
-from embeddings.models.layers import ATTENTION_KERNELS, NORM_KERNELS
+from embeddings.models.kernels import ATTENTION_KERNELS
 from embeddings.optim import SCHEDULES
-from embeddings.train_step import LOSS_KINDS, SYMMETRIC_CHOICES
 
 
 class ConfigError(ValueError):
@@ -91,11 +90,6 @@ def validate(
     _choice("model.dtype", m.dtype, ("float32", "bfloat16"))
     _positive("model.pack_levels", m.pack_levels, allow_zero=True)
     _choice("model.attention_kernel", m.attention_kernel, ATTENTION_KERNELS)
-    _choice("model.norm_kernel", m.norm_kernel, NORM_KERNELS)
-    try:
-        parse_tiling(m.attention_tiling)
-    except ValueError as error:
-        raise ConfigError(f"config.model.attention_tiling: {error}") from None
     if m.pooling is not None:
         _choice("model.pooling", m.pooling, POOLING_MODES)
     if not m.init:
@@ -128,8 +122,9 @@ def validate(
             f"config.loss.matryoshka_dims has {len(loss.matryoshka_dims)}: give one weight per "
             "dim, or () for equal weights."
         )
-    if loss.kind == "margin_mse" and loss.matryoshka_dims:
+    if loss.kind != "mnrl" and loss.matryoshka_dims:
         raise ConfigError("config.loss.matryoshka_dims is only supported with loss.kind='mnrl'.")
+    _validate_recipes(config)
 
     opt = config.optimizer
     _choice("optimizer.schedule", opt.schedule, SCHEDULES)
@@ -145,13 +140,33 @@ def validate(
             f"config.grad_cache_chunk={chunk} must divide config.batch_size={config.batch_size}."
         )
 
-    if config.best_metric and not (config.eval.sts_file or config.eval.retrieval_file):
+    try:
+        validate_eval(config)
+    except TaskError as error:
+        raise ConfigError(str(error)) from None
+
+
+def _validate_recipes(config: ml_collections.ConfigDict) -> None:
+    """The settings of issue 20's recipes: sampled candidates, distillation, GIST."""
+    if config.data.negatives_per_row < 0:
         raise ConfigError(
-            f"config.best_metric={config.best_metric!r} needs an evaluator, but "
-            "config.eval.sts_file and config.eval.retrieval_file are both empty."
+            f"config.data.negatives_per_row={config.data.negatives_per_row!r} must be >= 0 "
+            "(0 = the first negative of a list; k = k negatives sampled per use)."
         )
-    if config.best_metric and not config.best_metric.startswith("eval/"):
+    loss = config.loss
+    if not 0 < loss.temperature < float("inf"):
         raise ConfigError(
-            f"config.best_metric={config.best_metric!r} must name an evaluation metric, "
-            "e.g. 'eval/retrieval/mrr@10' or 'eval/sts/spearman_cosine'."
+            f"config.loss.temperature={loss.temperature!r} must be a positive finite number "
+            "(1.0 = the teacher's and student's scores as they are)."
         )
+    guide = loss.guide
+    if (loss.kind == "gist") != bool(guide.init):
+        raise ConfigError(
+            "config.loss.kind='gist' needs config.loss.guide.init (a guide model folder or Hub id)."
+            if loss.kind == "gist"
+            else f"config.loss.guide.init={guide.init!r} is set but config.loss.kind="
+            f"{loss.kind!r}: the guide is used only by --config.loss.kind=gist."
+        )
+    _choice("loss.guide.margin_strategy", guide.margin_strategy, MARGIN_STRATEGIES)
+    if guide.margin < 0:
+        raise ConfigError(f"config.loss.guide.margin={guide.margin!r} must be >= 0.")

@@ -9,6 +9,9 @@ Each loss returns `(loss, metrics)`: a float32 scalar and a small dict of float3
 numbers follow sentence-transformers 6.2 (`MultipleNegativesRankingLoss`,
 `MultipleNegativesSymmetricRankingLoss`, `MarginMSELoss`, `MatryoshkaLoss`), which the tests use as
 the reference.
+
+`objective` picks and configures the loss of a batch from `config.loss`; the train step only
+differentiates it.
 """
 
 from collections.abc import Callable, Sequence
@@ -16,11 +19,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
+
+from embeddings.models.pooling import l2_normalize
 
 SIMILARITIES = ("cosine", "dot")
-
-# F.normalize's epsilon: norms below it are clamped, so an all-zero row maps to zero, not NaN.
-_NORM_EPS = 1e-12
+# config.loss.kind and config.loss.symmetric values (`objective`).
+LOSS_KINDS = ("mnrl", "gist", "margin_mse", "distill_kl", "embedding_mse")
+MARGIN_STRATEGIES = ("absolute", "relative")
+SYMMETRIC_CHOICES = ("pairs", "always", "never")
 
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
@@ -28,15 +35,6 @@ LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 def _check_similarity(similarity: str) -> None:
     if similarity not in SIMILARITIES:
         raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}.")
-
-
-def l2_normalize(x: jax.Array) -> jax.Array:
-    """Scales each row of `x` to unit L2 norm, as `torch.nn.functional.normalize`.
-
-    The clamp is applied to the squared norm so the gradient stays finite at a zero row.
-    """
-    squared = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
-    return x * jax.lax.rsqrt(jnp.maximum(squared, _NORM_EPS**2))
 
 
 def _prepare(x: jax.Array, similarity: str) -> jax.Array:
@@ -205,6 +203,99 @@ def multiple_negatives_ranking_loss(
     return jnp.mean(per_anchor), {"accuracy": accuracy}
 
 
+def _guided_keep(
+    guide_scores: jax.Array, threshold: jax.Array, margin_strategy: str, margin: float
+):
+    """False where the guide scores a candidate above the positive's threshold (GIST)."""
+    if margin_strategy == "absolute":
+        limit = threshold - margin
+    else:
+        limit = threshold - jnp.abs(threshold) * margin
+    return ~(guide_scores > limit[:, None])
+
+
+def gist_loss(
+    anchors: jax.Array,
+    candidates: Sequence[jax.Array],
+    guide_anchors: jax.Array,
+    guide_candidates: Sequence[jax.Array],
+    *,
+    similarity: str = "cosine",
+    scale: float = 100.0,
+    margin_strategy: str = "absolute",
+    margin: float = 0.0,
+    contrast_anchors: bool = True,
+    contrast_positives: bool = True,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """In-batch negatives with guided false-negative filtering, as ST's `GISTEmbedLoss`.
+
+    A frozen guide model embeds the same texts; any in-batch candidate that the guide scores
+    above the anchor's own positive (cosine, less `margin`, or less `|positive| * margin` with
+    `margin_strategy="relative"`) is left out of that anchor's softmax, so near-duplicates and
+    unlabelled positives are not pushed away. The candidates of anchor i are every positive,
+    every anchor (`contrast_anchors`), positive i against every positive (`contrast_positives`)
+    and every hard negative; its label is its own positive. With one negative column or none this
+    is sentence-transformers' loss exactly; more negative columns each add their block.
+
+    Args:
+      anchors: [N, D] student anchor embeddings.
+      candidates: K >= 1 arrays [N, D]: the positives, then hard-negative columns.
+      guide_anchors: [N, E] guide embeddings of the anchors (no gradient flows into them).
+      guide_candidates: K arrays [N, E], the guide's embeddings of the candidates.
+      similarity: student similarity, "cosine" (ST) or "dot".
+      scale: student logit multiplier (ST's 1 / temperature: 100 for its default 0.01).
+      margin_strategy: "absolute" or "relative".
+      margin: how far below the positive's guide score a candidate is already masked.
+      contrast_anchors: add the anchor-anchor block.
+      contrast_positives: add the positive-positive block.
+
+    Returns:
+      (loss, {"accuracy": share of anchors ranking their positive first,
+              "masked": share of candidate logits the guide masked}).
+    """
+    columns = _as_columns(candidates, "candidates")
+    guide_columns = _as_columns(guide_candidates, "guide_candidates")
+    anchors = jnp.asarray(anchors)
+    _check_same_shape(anchors, columns, "candidates")
+    guide_anchors = jax.lax.stop_gradient(jnp.asarray(guide_anchors))
+    guide_columns = [jax.lax.stop_gradient(jnp.asarray(g)) for g in guide_columns]
+    _check_same_shape(guide_anchors, guide_columns, "guide_candidates")
+    if len(guide_columns) != len(columns) or guide_anchors.shape[0] != anchors.shape[0]:
+        raise ValueError(
+            f"the guide embeddings ({1 + len(guide_columns)} columns of {guide_anchors.shape[0]} "
+            f"rows) must cover the same texts as the student's ({1 + len(columns)} columns of "
+            f"{anchors.shape[0]} rows)."
+        )
+    if margin_strategy not in MARGIN_STRATEGIES:
+        raise ValueError(
+            f"margin_strategy must be one of {MARGIN_STRATEGIES}, got {margin_strategy!r}."
+        )
+    n = anchors.shape[0]
+    student = lambda a, b: similarity_scores(a, b, similarity=similarity, scale=scale)
+    guide = lambda a, b: similarity_scores(a, b, similarity="cosine", scale=1.0)
+
+    positives, guide_positives = columns[0], guide_columns[0]
+    guide_pair = guide(guide_anchors, guide_positives)
+    threshold = jnp.diagonal(guide_pair)
+    keep = lambda scores: _guided_keep(scores, threshold, margin_strategy, margin)
+
+    blocks = [(student(anchors, positives), keep(guide_pair) | jnp.eye(n, dtype=bool))]
+    if contrast_anchors:
+        blocks.append((student(anchors, anchors), keep(guide(guide_anchors, guide_anchors))))
+    if contrast_positives:
+        blocks.append(
+            (student(positives, positives), keep(guide(guide_positives, guide_positives)))
+        )
+    for negatives, guide_negatives in zip(columns[1:], guide_columns[1:], strict=True):
+        blocks.append((student(anchors, negatives), keep(guide(guide_anchors, guide_negatives))))
+
+    logits = jnp.concatenate([_masked(scores, kept) for scores, kept in blocks], axis=1)
+    per_anchor = _cross_entropy_diagonal(logits)
+    accuracy = jnp.mean((jnp.argmax(logits, axis=1) == jnp.arange(n)).astype(jnp.float32))
+    masked = 1.0 - jnp.mean(jnp.concatenate([kept for _, kept in blocks], axis=1))
+    return jnp.mean(per_anchor), {"accuracy": accuracy, "masked": masked}
+
+
 def _margin_labels(margin: jax.Array, n: int, k: int) -> jax.Array:
     """Teacher margins as [N, K], accepting ST's label layouts.
 
@@ -265,6 +356,109 @@ def margin_mse_loss(
     return loss, {"accuracy": accuracy}
 
 
+def distill_kl_loss(
+    query: jax.Array,
+    candidates: Sequence[jax.Array],
+    teacher_scores: jax.Array,
+    *,
+    similarity: str = "dot",
+    scale: float = 1.0,
+    temperature: float = 1.0,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Listwise distillation of teacher scores, as ST's `DistillKLDivLoss`.
+
+    Each query's K candidates (its positive, then its hard negatives: no in-batch negatives) get a
+    softmax of the student scores and one of the teacher scores, both at `temperature`; the loss
+    is KL(teacher || student) summed over the candidates, averaged over the queries and
+    multiplied by `temperature**2` (so the gradient's size does not depend on the temperature).
+
+    Args:
+      query: [N, D] query embeddings.
+      candidates: K >= 2 arrays of shape [N, D]: the positive, then each hard negative.
+      teacher_scores: [N, K] teacher scores of each query's candidates, in the same order.
+      similarity: "dot" (ST's default `pairwise_dot_score`) or "cosine".
+      scale: multiplier of the student similarities (1 reproduces ST).
+      temperature: softmax temperature of both distributions.
+
+    Returns:
+      (loss, {"accuracy": share of queries whose top student candidate is the teacher's top}).
+    """
+    query = jnp.asarray(query)
+    columns = _as_columns(candidates, "candidates")
+    _check_same_shape(query, columns, "candidates")
+    n, k = query.shape[0], len(columns)
+    if k < 2:
+        raise ValueError(
+            "distill_kl_loss needs at least 2 candidates per query (positive and a negative): a "
+            "softmax over one candidate is constant."
+        )
+    teacher_scores = jnp.asarray(teacher_scores, jnp.float32)
+    if teacher_scores.shape != (n, k):
+        raise ValueError(
+            f"teacher_scores has shape {teacher_scores.shape}; expected [{n}, {k}] (one teacher "
+            "score per query and candidate, the positive first)."
+        )
+    student = jnp.stack(
+        [pairwise_scores(query, c, similarity=similarity, scale=scale) for c in columns], axis=1
+    )
+    student_log_probs = jax.nn.log_softmax(student / temperature, axis=1)
+    teacher = jax.lax.stop_gradient(teacher_scores) / temperature
+    teacher_log_probs = jax.nn.log_softmax(teacher, axis=1)
+    teacher_probs = jnp.exp(teacher_log_probs)
+    # torch's KLDivLoss: target * (log target - input), with 0 * log 0 taken as 0.
+    pointwise = jnp.where(
+        teacher_probs > 0, teacher_probs * (teacher_log_probs - student_log_probs), 0.0
+    )
+    loss = jnp.sum(pointwise) / n * temperature**2
+    agree = jnp.argmax(student, axis=1) == jnp.argmax(teacher_scores, axis=1)
+    return loss, {"accuracy": jnp.mean(agree.astype(jnp.float32))}
+
+
+def embedding_mse_loss(
+    embeddings: Sequence[jax.Array], teacher: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean squared error to a teacher's embeddings, as ST's `MSELoss` (the multilingual recipe).
+
+    Every column (e.g. an English sentence and its translation) is pulled onto the same teacher
+    embedding (the teacher's embedding of the source sentence), or column c onto `teacher[:, c]`;
+    the loss is the mean over columns of each column's mean squared error.
+
+    Args:
+      embeddings: C arrays of shape [N, D], the student's embeddings of each column.
+      teacher: [N, D] (one target for every column) or [N, C, D] teacher embeddings.
+
+    Returns:
+      (loss, {"cosine": mean cosine similarity between student and teacher embeddings}).
+    """
+    columns = _as_columns(embeddings, "embeddings")
+    _check_same_shape(columns[0], columns[1:], "embeddings")
+    n, d = columns[0].shape
+    teacher = jax.lax.stop_gradient(jnp.asarray(teacher, jnp.float32))
+    if teacher.shape == (n, d):
+        targets = [teacher] * len(columns)
+    elif teacher.shape == (n, len(columns), d):
+        targets = [teacher[:, c] for c in range(len(columns))]
+    else:
+        raise ValueError(
+            f"teacher embeddings have shape {teacher.shape}; expected [{n}, {d}] or "
+            f"[{n}, {len(columns)}, {d}]: the teacher's embedding size must equal the student's "
+            f"({d})."
+        )
+    per_column = [
+        jnp.mean(jnp.square(jnp.asarray(s, jnp.float32) - t))
+        for s, t in zip(columns, targets, strict=True)
+    ]
+    cosine = jnp.mean(
+        jnp.stack(
+            [
+                pairwise_scores(s, t, similarity="cosine", scale=1.0)
+                for s, t in zip(columns, targets, strict=True)
+            ]
+        )
+    )
+    return jnp.mean(jnp.stack(per_column)), {"cosine": cosine}
+
+
 def _truncate(embeddings: Any, dim: int, position: int) -> Any:
     def cut(x: jax.Array) -> jax.Array:
         if jnp.ndim(x) != 2 or x.shape[-1] < dim:
@@ -323,3 +517,99 @@ def matryoshka(
         return total, first_metrics
 
     return wrapped
+
+
+def _teacher_label(batch: dict, key: str, kind: str, rows: str) -> jax.Array:
+    if key not in batch:
+        raise ValueError(
+            f"config.loss.kind={kind!r} needs {rows} rows, but the batch has no {key!r}: use "
+            "datasets of that kind in the data config (data/README.md, 'Teacher labels')."
+        )
+    return batch[key]
+
+
+def objective(embeddings: Sequence[jax.Array], batch: dict, loss_config: ml_collections.ConfigDict):
+    """The configured loss of one global batch, from its column embeddings.
+
+    Args:
+      embeddings: one [N, D] array per batch column (anchor, positive, negatives...).
+      batch: the batch (for `text_hash` and the teacher labels: `margin`, `scores`,
+        `teacher_embedding`).
+      loss_config: `config.loss`.
+
+    Returns:
+      (loss, metrics).
+    """
+    cfg = loss_config
+    if cfg.kind == "margin_mse":
+        if len(embeddings) < 3:
+            raise ValueError(
+                "config.loss.kind='margin_mse' needs (query, positive, negative..., margin) rows: "
+                "use datasets of kind 'margin' or 'scores' in the data config."
+            )
+        key = "margin" if "margin" in batch else "scores"
+        labels = _teacher_label(batch, key, cfg.kind, "'margin' or 'scores'")
+
+        def loss_fn(embs):
+            return margin_mse_loss(
+                embs[0], embs[1], list(embs[2:]), labels, similarity=cfg.similarity, scale=cfg.scale
+            )
+    elif cfg.kind == "distill_kl":
+        scores = _teacher_label(batch, "scores", cfg.kind, "'scores'")
+
+        def loss_fn(embs):
+            return distill_kl_loss(
+                embs[0],
+                list(embs[1:]),
+                scores,
+                similarity=cfg.similarity,
+                scale=cfg.scale,
+                temperature=cfg.temperature,
+            )
+    elif cfg.kind == "gist":
+        if "guide_embeddings" not in batch:
+            raise ValueError(
+                "config.loss.kind='gist' needs the guide model's embeddings of the batch: set "
+                "config.loss.guide.init (the train step computes them)."
+            )
+        guide = batch["guide_embeddings"]
+
+        def loss_fn(embs):
+            return gist_loss(
+                embs[0],
+                list(embs[1:]),
+                guide[0],
+                list(guide[1:]),
+                similarity=cfg.similarity,
+                scale=cfg.scale,
+                margin_strategy=cfg.guide.margin_strategy,
+                margin=cfg.guide.margin,
+                contrast_anchors=cfg.guide.contrast_anchors,
+                contrast_positives=cfg.guide.contrast_positives,
+            )
+    elif cfg.kind == "embedding_mse":
+        teacher = _teacher_label(batch, "teacher_embedding", cfg.kind, "'embedding'")
+
+        def loss_fn(embs):
+            return embedding_mse_loss(embs, teacher)
+    else:
+        symmetric = cfg.symmetric == "always" or (cfg.symmetric == "pairs" and len(embeddings) == 2)
+        hashes = {}
+        if cfg.mask_false_negatives:
+            hashes = dict(
+                anchor_hash=batch["text_hash"][:, 0], candidate_hash=batch["text_hash"][:, 1:]
+            )
+
+        def loss_fn(embs):
+            return multiple_negatives_ranking_loss(
+                embs[0],
+                list(embs[1:]),
+                similarity=cfg.similarity,
+                scale=cfg.scale,
+                symmetric=symmetric,
+                **hashes,
+            )
+
+    if cfg.matryoshka_dims:
+        loss_fn = matryoshka(loss_fn, cfg.matryoshka_dims, cfg.matryoshka_weights or None)
+    return loss_fn(list(embeddings))

@@ -16,7 +16,6 @@ import ml_collections
 import numpy as np
 import transformers
 
-from embeddings.dual_encoder import DualEncoder
 from embeddings.models import (
     EncoderConfig,
     SentenceEncoder,
@@ -24,7 +23,8 @@ from embeddings.models import (
     load_pretrained,
     load_tokenizer,
 )
-from embeddings.models.attention_kernel import parse_tiling
+from embeddings.models.dual_encoder import DualEncoder
+from embeddings.models.kernels import attention_fn
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -68,8 +68,18 @@ def _random_encoder_config(m: ml_collections.ConfigDict, tokenizer) -> EncoderCo
     )
 
 
-def build_model(config: ml_collections.ConfigDict, *, seed: int | None = None) -> ModelSetup:
-    """Resolves `config.model` into a dual encoder with its initial parameters."""
+def build_model(
+    config: ml_collections.ConfigDict,
+    *,
+    seed: int | None = None,
+    mesh=None,
+    backend: str | None = None,
+) -> ModelSetup:
+    """Resolves `config.model` into a dual encoder with its initial parameters.
+
+    `mesh` (the mesh it trains on; None: one device) and `backend` (default
+    `jax.default_backend()`; a GPU compile on another machine says "gpu") decide
+    the attention function (`kernels.attention_fn`), once, here."""
     m = config.model
     seed = config.seed if seed is None else seed
     dtype = DTYPES[m.dtype]
@@ -102,9 +112,7 @@ def build_model(config: ml_collections.ConfigDict, *, seed: int | None = None) -
         spec,
         dtype=dtype,
         remat=m.remat,
-        attention_kernel=m.attention_kernel,
-        attention_tiling=parse_tiling(m.attention_tiling),
-        norm_kernel=m.norm_kernel,
+        attention=attention_fn(m.attention_kernel, backend or jax.default_backend(), mesh),
     )
     model = DualEncoder(encoder, m.tied)
 
@@ -129,3 +137,24 @@ def build_model(config: ml_collections.ConfigDict, *, seed: int | None = None) -
     return ModelSetup(
         model=model, params=params, extras=extras, tokenizer=tokenizer, spec=spec, sources=sources
     )
+
+
+def build_guide(config: ml_collections.ConfigDict, tokenizer) -> tuple[SentenceEncoder, dict]:
+    """The frozen guide encoder of GIST (`config.loss.guide.init`) and its parameters.
+
+    The guide reads the student's token ids, so it must share the student's vocabulary;
+    its own pooling and normalisation come from its folder (its similarity is always cosine).
+
+    Raises:
+      ValueError: the guide's tokenizer has another vocabulary than the student's.
+    """
+    init = config.loss.guide.init
+    loaded = load_pretrained(init)
+    if load_tokenizer(loaded.model_dir).get_vocab() != tokenizer.get_vocab():
+        raise ValueError(
+            f"config.loss.guide.init={init!r} has another vocabulary than the model's tokenizer: "
+            "the guide reads the same token ids, so choose a guide with the model's tokenizer "
+            "(e.g. the model's own init)."
+        )
+    encoder = SentenceEncoder(loaded.config, loaded.spec, dtype=DTYPES[config.model.dtype])
+    return encoder, loaded.params

@@ -12,7 +12,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from embeddings.dual_encoder import DualEncoder
+from embeddings.models.dual_encoder import DualEncoder
 from embeddings.optim import make_optimizer
 from embeddings.sharding import replicated, tree_shardings
 from embeddings.train_step import TrainState, init_state, make_train_step
@@ -51,7 +51,7 @@ def state_shardings(abstract_state: TrainState, mesh: Mesh) -> TrainState:
 
 
 def build_training(
-    config: ml_collections.ConfigDict, model: DualEncoder, params, mesh: Mesh
+    config: ml_collections.ConfigDict, model: DualEncoder, params, mesh: Mesh, *, guide=None
 ) -> Training:
     """The optimizer, the state's shardings over `mesh` and the jitted step for `config`.
 
@@ -60,6 +60,7 @@ def build_training(
       model: the dual encoder (`model_setup.build_model(config).model`).
       params: its parameters, or only their shapes (`jax.ShapeDtypeStruct`s).
       mesh: the (data, fsdp) mesh the step runs on.
+      guide: `(SentenceEncoder, params)` of the GIST guide (`model_setup.build_guide`), or None.
     """
     optimizer, schedule = make_optimizer(config, config.total_steps)
     make_state = lambda params: init_state(params, optimizer, config.seed)
@@ -75,5 +76,6 @@ def build_training(
         config=config,
         mesh=mesh,
         state_shardings=shardings,
+        guide=guide,
     )
     return Training(optimizer, schedule, make_state, abstract, shardings, train_step)

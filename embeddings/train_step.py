@@ -1,4 +1,4 @@
-"""The training step: loss on the global batch, gradients, AdamW update.
+"""The training step: gradients of the configured loss (`losses.objective`), AdamW update.
 
 Everything here is a pure function of (state, batch). `make_train_step`
 jits it over the mesh with the batch split over devices and the state donated;
@@ -13,9 +13,7 @@ Two ways to get gradients, equal up to float rounding:
   grows with the chunk, not the batch, for the price of one extra forward.
 """
 
-import contextlib
 import functools
-from collections.abc import Sequence
 
 import flax.struct
 import jax
@@ -26,11 +24,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from embeddings import losses
-from embeddings.dual_encoder import DualEncoder
+from embeddings.models.dual_encoder import DualEncoder
 from embeddings.sharding import DATA_AXES, batch_sharding, replicated
-
-LOSS_KINDS = ("mnrl", "margin_mse")
-SYMMETRIC_CHOICES = ("pairs", "always", "never")
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -61,52 +56,6 @@ def init_state(params, optimizer: optax.GradientTransformation, seed: int) -> Tr
     )
 
 
-def objective(embeddings: Sequence[jax.Array], batch: dict, loss_config: ml_collections.ConfigDict):
-    """The configured loss of one global batch, from its column embeddings.
-
-    Args:
-      embeddings: one [N, D] array per batch column (anchor, positive, negatives...).
-      batch: the batch (for `text_hash` and `margin`).
-      loss_config: `config.loss`.
-
-    Returns:
-      (loss, metrics).
-    """
-    cfg = loss_config
-    if cfg.kind == "margin_mse":
-        if len(embeddings) != 3 or "margin" not in batch:
-            raise ValueError(
-                "config.loss.kind='margin_mse' needs (query, positive, negative, margin) rows: "
-                "use datasets of kind 'margin' in the data config."
-            )
-
-        def loss_fn(embs):
-            return losses.margin_mse_loss(
-                *embs, batch["margin"], similarity=cfg.similarity, scale=cfg.scale
-            )
-    else:
-        symmetric = cfg.symmetric == "always" or (cfg.symmetric == "pairs" and len(embeddings) == 2)
-        hashes = {}
-        if cfg.mask_false_negatives:
-            hashes = dict(
-                anchor_hash=batch["text_hash"][:, 0], candidate_hash=batch["text_hash"][:, 1:]
-            )
-
-        def loss_fn(embs):
-            return losses.multiple_negatives_ranking_loss(
-                embs[0],
-                list(embs[1:]),
-                similarity=cfg.similarity,
-                scale=cfg.scale,
-                symmetric=symmetric,
-                **hashes,
-            )
-
-    if cfg.matryoshka_dims:
-        loss_fn = losses.matryoshka(loss_fn, cfg.matryoshka_dims, cfg.matryoshka_weights or None)
-    return loss_fn(list(embeddings))
-
-
 def _column_rng(rng, column: int, chunk=None):
     if rng is None:
         return None
@@ -130,7 +79,7 @@ def plain_loss_and_grads(params, batch, dropout_rng, *, model: DualEncoder, loss
                 zip(batch["input_ids"], batch["attention_mask"], token_index, strict=True)
             )
         ]
-        loss, metrics = objective(embs, batch, loss_config)
+        loss, metrics = losses.objective(embs, batch, loss_config)
         return loss, (metrics, embs)
 
     (loss, (metrics, embs)), grads = jax.value_and_grad(loss_of_params, has_aux=True)(params)
@@ -181,7 +130,7 @@ def grad_cache_loss_and_grads(
 
     # 2. Loss and its gradient with respect to the embeddings: small arrays.
     (loss, metrics), emb_grads = jax.value_and_grad(
-        lambda e: objective(e, batch, loss_config), has_aux=True
+        lambda e: losses.objective(e, batch, loss_config), has_aux=True
     )(embs)
 
     # 3. Re-run each chunk and back-propagate its slice of the embedding gradient.
@@ -203,6 +152,35 @@ def grad_cache_loss_and_grads(
     return (loss, _with_embedding_norms(metrics, embs)), grads
 
 
+def guide_embeddings(guide, guide_params, batch, *, chunk: int = 0, mesh=None):
+    """The frozen guide model's embeddings of every batch column (GIST), without gradients.
+
+    With `chunk` (GradCache) the guide runs chunk by chunk as the student's first pass does, so
+    its activation memory is one chunk's too.
+
+    Args:
+      guide: the guide's `SentenceEncoder` (same tokenizer as the student).
+      guide_params: its parameters.
+      batch: the global batch (`input_ids`, `attention_mask` per column).
+      chunk: GradCache rows per chunk; 0 = the whole batch at once.
+      mesh: the mesh, for the chunks' sharding.
+
+    Returns:
+      One [N, E] float32 array per column.
+    """
+    guide_params = jax.lax.stop_gradient(guide_params)
+    embed = lambda ids, mask: guide.embed(guide_params, ids, mask)
+    out = []
+    for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True):
+        if chunk:
+            n = ids.shape[0] // chunk
+            chunks = (_to_chunks(ids, n, mesh), _to_chunks(mask, n, mesh))
+            out.append(_from_chunks(jax.lax.map(lambda xs: embed(*xs), chunks)))
+        else:
+            out.append(embed(ids, mask))
+    return tuple(jax.lax.stop_gradient(e) for e in out)
+
+
 def _with_embedding_norms(metrics: dict, embs) -> dict:
     metrics = dict(metrics)
     metrics["query_norm"] = jnp.mean(jnp.linalg.norm(embs[0], axis=-1))
@@ -211,30 +189,36 @@ def _with_embedding_norms(metrics: dict, embs) -> dict:
 
 
 def loss_and_grads(
-    params, batch, dropout_rng, *, model, loss_config, grad_cache_chunk=0, mesh=None
+    params,
+    batch,
+    dropout_rng,
+    *,
+    model,
+    loss_config,
+    grad_cache_chunk=0,
+    mesh=None,
+    guide=None,
+    guide_params=None,
 ):
     """Dispatches to the plain or the GradCache computation (same result).
 
-    The mesh is put in context so that fused kernels (custom calls, which XLA
-    cannot split) run under shard_map on each device's rows.
+    With a `guide` (GIST), its embeddings of the batch join the batch as
+    `guide_embeddings`.
     """
-    in_mesh = contextlib.nullcontext()
-    if mesh is not None:
-        in_mesh = jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
-    with in_mesh:
-        if grad_cache_chunk:
-            return grad_cache_loss_and_grads(
-                params,
-                batch,
-                dropout_rng,
-                model=model,
-                loss_config=loss_config,
-                chunk=grad_cache_chunk,
-                mesh=mesh,
-            )
-        return plain_loss_and_grads(
-            params, batch, dropout_rng, model=model, loss_config=loss_config
+    if guide is not None:
+        guided = guide_embeddings(guide, guide_params, batch, chunk=grad_cache_chunk, mesh=mesh)
+        batch = dict(batch, guide_embeddings=guided)
+    if grad_cache_chunk:
+        return grad_cache_loss_and_grads(
+            params,
+            batch,
+            dropout_rng,
+            model=model,
+            loss_config=loss_config,
+            chunk=grad_cache_chunk,
+            mesh=mesh,
         )
+    return plain_loss_and_grads(params, batch, dropout_rng, model=model, loss_config=loss_config)
 
 
 def train_step(
@@ -248,8 +232,13 @@ def train_step(
     grad_cache_chunk: int = 0,
     dropout: bool = True,
     mesh: Mesh | None = None,
+    guide=None,
+    guide_params=None,
 ):
-    """One AdamW update; skipped (and counted) when the gradients are not finite."""
+    """One AdamW update; skipped (and counted) when the gradients are not finite.
+
+    `guide`, `guide_params`: the frozen guide encoder of `loss.kind="gist"` (else None).
+    """
     dropout_rng = jax.random.fold_in(state.rng, state.step) if dropout else None
     (loss, metrics), grads = loss_and_grads(
         state.params,
@@ -259,6 +248,8 @@ def train_step(
         loss_config=loss_config,
         grad_cache_chunk=grad_cache_chunk,
         mesh=mesh,
+        guide=guide,
+        guide_params=guide_params,
     )
     grad_norm = optax.global_norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -285,8 +276,16 @@ def make_train_step(
     config: ml_collections.ConfigDict,
     mesh: Mesh,
     state_shardings,
+    guide=None,
 ):
-    """`train_step` jitted over `mesh`: batch split over devices, state donated."""
+    """`train_step` jitted over `mesh`: batch split over devices, state donated.
+
+    Args:
+      guide: `(SentenceEncoder, params)` of the GIST guide (`loss.kind="gist"`), or None. Its
+        parameters are replicated on the mesh and passed to every call (not baked into the
+        compiled step as constants).
+    """
+    encoder, guide_params = guide if guide is not None else (None, None)
     step = functools.partial(
         train_step,
         model=model,
@@ -296,10 +295,16 @@ def make_train_step(
         grad_cache_chunk=config.grad_cache_chunk,
         dropout=config.model.dropout,
         mesh=mesh,
+        guide=encoder,
     )
-    return jax.jit(
-        step,
-        in_shardings=(state_shardings, batch_sharding(mesh)),
-        out_shardings=(state_shardings, replicated(mesh)),
-        donate_argnums=(0,),
+    jit = functools.partial(
+        jax.jit, out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,)
     )
+    if encoder is None:
+        return jit(step, in_shardings=(state_shardings, batch_sharding(mesh)))
+    jitted = jit(
+        lambda state, batch, guide_params: step(state, batch, guide_params=guide_params),
+        in_shardings=(state_shardings, batch_sharding(mesh), replicated(mesh)),
+    )
+    guide_params = jax.device_put(guide_params, replicated(mesh))
+    return lambda state, batch: jitted(state, batch, guide_params)

@@ -21,9 +21,9 @@ from embeddings import flops, host_batch
 from embeddings.checkpointing import Checkpointer, StateMismatchError, restore_from_path
 from embeddings.config_validation import validate
 from embeddings.data import build_pipeline
-from embeddings.evaluation import build_evaluators
+from embeddings.evaluation import build_evaluators, run_evaluators
 from embeddings.metrics_writer import MetricWriter
-from embeddings.model_setup import build_model
+from embeddings.model_setup import build_guide, build_model
 from embeddings.sharding import make_mesh
 from embeddings.step_setup import build_training
 from embeddings.train_step import TrainState
@@ -109,27 +109,24 @@ class _StopSignal:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def make_encode_fn(model, params, tokenizer, config: ml_collections.ConfigDict):
+def make_encode_fn(model, params, tokenizer, config: ml_collections.ConfigDict, mesh=None):
     """(texts, role) -> embeddings with the current parameters, for the evaluators.
 
     Texts are truncated at the model's own inference length (what the exported
     model will use), not the training lengths, so numbers match the export's.
+    With a mesh, each batch's rows are split over all its devices.
     """
 
     def encode(texts, role):
         return model.encoder.encode(
-            params[model.tower(role)], tokenizer, list(texts), batch_size=config.eval.batch_size
+            params[model.tower(role)],
+            tokenizer,
+            list(texts),
+            batch_size=config.eval.batch_size,
+            mesh=mesh,
         )
 
     return encode
-
-
-def evaluate(evaluators, encode) -> dict[str, float]:
-    results = {}
-    for evaluator in evaluators:
-        for metric, value in evaluator(encode).items():
-            results[f"eval/{evaluator.name}/{metric}"] = float(value)
-    return results
 
 
 def _open_checkpointer(config: ml_collections.ConfigDict, workdir: epath.Path) -> Checkpointer:
@@ -185,7 +182,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     logging.info("Mesh: %s", dict(mesh.shape))
 
     # ---- Model ----
-    setup = build_model(config)
+    setup = build_model(config, mesh=mesh)
     model = setup.model
 
     # ---- Evaluators ----
@@ -197,7 +194,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     )
 
     # ---- Optimizer and sharded state ----
-    training = build_training(config, model, setup.params, mesh)
+    guide = build_guide(config, setup.tokenizer) if config.loss.kind == "gist" else None
+    training = build_training(config, model, setup.params, mesh, guide=guide)
     abstract, shardings = training.abstract_state, training.shardings
 
     # ---- Restore: workdir checkpoint -> resume_from -> init ----
@@ -238,8 +236,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     def run_eval(step: int) -> dict:
         if not evaluators:
             return {}
-        encode = make_encode_fn(model, state.params, setup.tokenizer, config)
-        results = evaluate(evaluators, encode)
+        encode = make_encode_fn(model, state.params, setup.tokenizer, config, mesh)
+        results = run_evaluators(evaluators, encode, config.eval.mean_of)
         writer.write(step, results)
         return results
 

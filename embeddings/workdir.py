@@ -25,9 +25,9 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from embeddings.dual_encoder import DualEncoder
 from embeddings.model_setup import DTYPES, ModelSetup
 from embeddings.models import EncoderConfig, SentenceEncoder, SentenceSpec, load_tokenizer
+from embeddings.models.dual_encoder import DualEncoder
 
 CHECKPOINTS = "checkpoints"
 BEST = "best"

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from embeddings.host_batch import batch_token_index
-from embeddings.models.config import EncoderConfig
+from embeddings.models.attention import attend
+from embeddings.models.encoder_config import EncoderConfig
 from embeddings.models.sentence_encoder import SentenceEncoder, SentenceSpec
 
 
@@ -29,12 +30,12 @@ def tiny_config(model_type: str, hidden_size: int) -> EncoderConfig:
     )
 
 
-def assert_kernels_train_as_xla(config: EncoderConfig, length: int, **variants: dict) -> None:
-    """Each variant's `SentenceEncoder` keyword arguments (kernel options) give the
+def assert_kernels_train_as_xla(config: EncoderConfig, length: int, **variants) -> None:
+    """Each variant's attention function (`kernels.attention_fn`) gives the
     embeddings and parameter gradients of the all-XLA encoder: in training mode
     (dropout on, one key), packed dense layers, a batch of 4 texts of random lengths."""
     spec = SentenceSpec(pooling="mean", normalize=True)
-    reference = SentenceEncoder(config, spec, attention_kernel="xla", norm_kernel="xla")
+    reference = SentenceEncoder(config, spec, attention=attend)
     params = reference.init(jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
     mask = jnp.asarray(np.arange(length)[None] < rng.integers(3, length + 1, 4)[:, None], jnp.int32)
@@ -47,8 +48,9 @@ def assert_kernels_train_as_xla(config: EncoderConfig, length: int, **variants: 
         return jnp.sum(out * jnp.arange(out.size).reshape(out.shape) / out.size)
 
     want, want_grads = jax.value_and_grad(loss)(params, reference)
-    for name, options in variants.items():
-        got, got_grads = jax.value_and_grad(loss)(params, SentenceEncoder(config, spec, **options))
+    for name, attention in variants.items():
+        encoder = SentenceEncoder(config, spec, attention=attention)
+        got, got_grads = jax.value_and_grad(loss)(params, encoder)
         np.testing.assert_allclose(got, want, rtol=1e-5, err_msg=name)
         jax.tree.map(
             lambda g, w, name=name: np.testing.assert_allclose(

@@ -2,7 +2,9 @@
 
 Joins JAX's distributed runtime on CPU, builds the same global batch as the
 single-process test, feeds only its own rows, and writes the loss and
-gradients (process 0) to the given .npz file.
+gradients (process 0) to the given .npz file: without dropout, plain and with
+GradCache; and with dropout on and each device packing its own rows' real
+tokens (`packing`), as train.py's default config runs.
 """
 
 import os
@@ -19,6 +21,7 @@ def main(process_id: int, port: int, out: str) -> None:
     jax.distributed.initialize(
         coordinator_address=f"localhost:{port}", num_processes=2, process_id=process_id
     )
+    from embeddings.host_batch import batch_token_index, group_real_counts
     from embeddings.sharding import make_mesh
     from tests.test_train_step import _random_setup, _sharded_loss_and_grads
 
@@ -36,6 +39,19 @@ def main(process_id: int, port: int, out: str) -> None:
                 loss=loss,
                 **{jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves},
             )
+    # Capacities agreed over both processes, as train.py agrees them.
+    most_real = [int(group_real_counts(m, 8).max()) for m in batch["attention_mask"]]
+    local["token_index"] = batch_token_index(local["attention_mask"], 4, 32, most_real)
+    loss, grads = _sharded_loss_and_grads(
+        model, params, local, make_mesh(4, 2), dropout_rng=jax.random.PRNGKey(7)
+    )
+    if process_id == 0:
+        leaves = jax.tree_util.tree_leaves_with_path(grads)
+        np.savez(
+            f"{out}.dropout.npz",
+            loss=loss,
+            **{jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves},
+        )
     jax.distributed.shutdown()
 
 

@@ -1,6 +1,6 @@
 """The fused Pallas attention kernels (interpreted on the CPU) against XLA's attention.
 
-The reference is `layers.attend`'s XLA path: separate matmuls, masking, float32
+The reference is `attention.attend` (XLA): separate matmuls, masking, float32
 softmax and dropout from `dropout.dropout_keep_mask`, itself checked against
 PyTorch transformers in test_encoders.py (without dropout). Equal outputs and
 gradients with dropout on mean the kernels draw the very same mask.
@@ -12,8 +12,13 @@ import numpy as np
 import pytest
 from encoder_kernels import assert_kernels_train_as_xla, tiny_config
 
-from embeddings.models import attention_kernel, layers
+from embeddings.models.attention import attend
+from embeddings.models.dropout import seed_words
+from embeddings.models.kernels import FusedAttention, attention_fn, pallas_attention
 from embeddings.sharding import batch_sharding, make_mesh
+
+XLA = attention_fn("xla", "cpu")
+PALLAS = attention_fn("pallas", "cpu")  # interpreted
 
 
 def _inputs(batch, length, heads, head_dim, seed=0, lengths=None):
@@ -28,15 +33,15 @@ def _inputs(batch, length, heads, head_dim, seed=0, lengths=None):
     return q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), mask, bias, weights
 
 
-def _loss(kernel, rate, mask, weights, q, k, v, bias):
+def _loss(attention, rate, mask, weights, q, k, v, bias):
     key = jax.random.PRNGKey(11)
-    out = layers.attend(q, k, v, mask, bias, dropout_rate=rate, dropout_rng=key, kernel=kernel)
+    out = attention(q, k, v, mask, bias, dropout_rate=rate, dropout_rng=key)
     return jnp.sum(out * weights)
 
 
-def _value_and_grads(kernel, rate, mask, weights, q, k, v, bias):
+def _value_and_grads(attention, rate, mask, weights, q, k, v, bias):
     argnums = (4, 5, 6) if bias is None else (4, 5, 6, 7)
-    return jax.value_and_grad(_loss, argnums=argnums)(kernel, rate, mask, weights, q, k, v, bias)
+    return jax.value_and_grad(_loss, argnums=argnums)(attention, rate, mask, weights, q, k, v, bias)
 
 
 def _assert_close(got, want, value_atol=1e-5):
@@ -60,54 +65,47 @@ def _assert_close(got, want, value_atol=1e-5):
 def test_kernels_equal_xla_attention(batch, length, heads, head_dim, rate, with_bias):
     q, k, v, mask, bias, weights = _inputs(batch, length, heads, head_dim)
     bias = bias if with_bias else None
-    want = _value_and_grads("xla", rate, mask, weights, q, k, v, bias)
-    got = _value_and_grads("pallas", rate, mask, weights, q, k, v, bias)
+    want = _value_and_grads(XLA, rate, mask, weights, q, k, v, bias)
+    got = _value_and_grads(PALLAS, rate, mask, weights, q, k, v, bias)
     _assert_close(got, want)
 
 
 @pytest.mark.parametrize(
     "tiling",
     [
-        attention_kernel.Tiling(forward_block=16, backward_block=64, backward_programs_per_head=2),
-        attention_kernel.Tiling(
+        pallas_attention.Tiling(forward_block=16, backward_block=64, backward_programs_per_head=2),
+        pallas_attention.Tiling(
             forward_block=128, backward_block=16, backward_programs_per_head=1, forward_warps=8
         ),
-        attention_kernel.Tiling(backward_programs_per_head=64, forward_stages=2, backward_stages=3),
-        # The split backward: key blocks of 16 and 32 (4 and 2 per sequence), the
-        # query gradient from its own kernel; and a key block longer than the
-        # sequence (one per sequence).
-        attention_kernel.Tiling(backward_key_block=16, backward_programs_per_head=2),
-        attention_kernel.Tiling(backward_key_block=32, backward_block=16, query_gradient_block=16),
-        attention_kernel.Tiling(backward_key_block=128, query_gradient_block=128),
+        pallas_attention.Tiling(backward_programs_per_head=64, forward_stages=2, backward_stages=3),
     ],
 )
 def test_every_tiling_gives_xla_attention(tiling):
     """The tiling moves work between programs (query blocks of 16 to the whole
-    sequence, 1 to 8 sequences per backward program, key blocks of 16 to the
-    whole sequence); the numbers stay XLA's."""
+    sequence, 1 to 8 sequences per backward program); the numbers stay XLA's."""
     q, k, v, mask, bias, weights = _inputs(8, 64, 2, 16)
-    seed = layers.seed_words(jax.random.PRNGKey(11))
+    seed = seed_words(jax.random.PRNGKey(11))
 
     def loss(q, k, v, bias):
-        out = attention_kernel.attention(
+        out = pallas_attention.attention(
             q, k, v, mask, bias[0], seed, rate=0.1, interpret=True, tiling=tiling
         )
         return jnp.sum(out * weights)
 
     got = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(q, k, v, bias)
-    _assert_close(got, _value_and_grads("xla", 0.1, mask, weights, q, k, v, bias))
+    _assert_close(got, _value_and_grads(XLA, 0.1, mask, weights, q, k, v, bias))
 
 
-def test_split_backward_draws_the_rows_of_its_batch_offset():
+def test_kernels_draw_the_rows_of_their_batch_offset():
     """Rows 4-7 run alone with batch_offset=4 (as one device of a mesh runs them)
-    get the outputs and q/k/v gradients those rows get in the whole batch: both
-    backward kernels draw the dropout mask of their global rows."""
+    get the outputs and q/k/v gradients those rows get in the whole batch: the
+    kernels draw the dropout mask of their global rows."""
     q, k, v, mask, bias, weights = _inputs(8, 32, 2, 16)
-    seed = layers.seed_words(jax.random.PRNGKey(3))
-    tiling = attention_kernel.Tiling(backward_key_block=16, backward_programs_per_head=2)
+    seed = seed_words(jax.random.PRNGKey(3))
+    tiling = pallas_attention.Tiling(backward_programs_per_head=2)
 
     def loss(q, k, v, mask, weights, offset):
-        out = attention_kernel.attention(
+        out = pallas_attention.attention(
             q,
             k,
             v,
@@ -149,25 +147,15 @@ def test_tiling_reaches_the_kernels():
     sequence and head; 2 backward programs per head take 4 sequences each."""
     q = jnp.zeros((8, 64, 2, 16))
     mask = jnp.ones((8, 64), jnp.int32)
-    tiling = attention_kernel.Tiling(
+    tiling = pallas_attention.Tiling(
         forward_block=16, backward_programs_per_head=2, backward_warps=2, backward_stages=2
     )
 
     def loss(q):
-        return jnp.sum(attention_kernel.attention(q, q, q, mask, interpret=True, tiling=tiling))
+        return jnp.sum(pallas_attention.attention(q, q, q, mask, interpret=True, tiling=tiling))
 
     calls = _pallas_calls(jax.make_jaxpr(jax.grad(loss))(q).jaxpr)
-    assert calls == [((8, 2, 4), 4, 1), ((2, 2, 1), 2, 2)]
-    # Split: key blocks of 32 make 2 key-value programs per head and batch share;
-    # the query gradient kernel takes 32-row blocks, 2 per sequence and head.
-    tiling = attention_kernel.Tiling(
-        backward_key_block=32,
-        backward_programs_per_head=2,
-        query_gradient_block=32,
-        query_gradient_warps=2,
-    )
-    calls = _pallas_calls(jax.make_jaxpr(jax.grad(loss))(q).jaxpr)
-    assert calls == [((8, 2, 1), 4, 1), ((2, 2, 2), 8, 1), ((8, 2, 2), 2, 1)]
+    assert calls == [((8, 2, 4), 4, 1), ((2, 2), 2, 2)]
 
 
 @pytest.mark.parametrize(
@@ -177,13 +165,11 @@ def test_tiling_reaches_the_kernels():
         ("backward_block", 48),
         ("backward_warps", 3),
         ("forward_stages", 0),
-        ("backward_key_block", 24),
-        ("query_gradient_warps", 6),
     ],
 )
 def test_tiling_refuses_what_triton_cannot_tile(field, value):
     with pytest.raises(ValueError, match=f"Tiling.{field}={value}"):
-        attention_kernel.Tiling(**{field: value})
+        pallas_attention.Tiling(**{field: value})
 
 
 def test_dropout_zeroes_the_drawn_share():
@@ -191,11 +177,11 @@ def test_dropout_zeroes_the_drawn_share():
     the one without dropout, and the kept mass per row averages 1."""
     q, k, v, mask, _, _ = _inputs(8, 32, 2, 16, lengths=[32] * 8)
     key = jax.random.PRNGKey(0)
-    plain = layers.attend(q, k, v, mask, kernel="pallas")
-    dropped = layers.attend(q, k, v, mask, dropout_rate=0.5, dropout_rng=key, kernel="pallas")
+    plain = PALLAS(q, k, v, mask)
+    dropped = PALLAS(q, k, v, mask, dropout_rate=0.5, dropout_rng=key)
     assert not np.allclose(plain, dropped)
     ones = jnp.ones_like(v)  # with v = 1 each output is the kept, rescaled mass of its row
-    mass = layers.attend(q, k, ones, mask, dropout_rate=0.5, dropout_rng=key, kernel="pallas")
+    mass = PALLAS(q, k, ones, mask, dropout_rate=0.5, dropout_rng=key)
     assert abs(float(mass.mean()) - 1.0) < 0.05
     assert float(jnp.mean(mass == 0)) < 0.01  # a row loses all its mass almost never
 
@@ -204,13 +190,13 @@ def test_fully_padded_sequence_and_unsupported_length():
     """A row without real tokens attends uniformly, as XLA does (no NaN); a length
     the kernels do not take (not a power of two) falls back to XLA."""
     q, k, v, mask, bias, weights = _inputs(3, 16, 2, 16, lengths=[16, 0, 5])
-    want = layers.attend(q, k, v, mask, bias, kernel="xla")
-    got = layers.attend(q, k, v, mask, bias, kernel="pallas")
+    want = XLA(q, k, v, mask, bias)
+    got = PALLAS(q, k, v, mask, bias)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    assert not attention_kernel.supports(2, 24, 2, 16)
+    assert not pallas_attention.supports(2, 24, 2, 16)
     q, k, v, mask, bias, weights = _inputs(2, 24, 2, 16)
-    want = _value_and_grads("xla", 0.1, mask, weights, q, k, v, bias)
-    got = _value_and_grads("pallas", 0.1, mask, weights, q, k, v, bias)
+    want = _value_and_grads(XLA, 0.1, mask, weights, q, k, v, bias)
+    got = _value_and_grads(PALLAS, 0.1, mask, weights, q, k, v, bias)
     _assert_close(got, want)
 
 
@@ -218,12 +204,12 @@ def test_sharded_kernels_equal_one_device():
     """Under a 4 x 2 mesh each device runs the kernels on its rows (shard_map) and
     draws its rows' part of the global dropout mask."""
     q, k, v, mask, bias, weights = _inputs(16, 32, 2, 16, seed=3)
-    want = _value_and_grads("xla", 0.1, mask, weights, q, k, v, bias)
+    want = _value_and_grads(XLA, 0.1, mask, weights, q, k, v, bias)
     mesh = make_mesh(data=4, fsdp=2)
+    on_mesh = attention_fn("pallas", "cpu", mesh)
 
     def sharded(q, k, v, bias, mask, weights):
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            return _value_and_grads("pallas", 0.1, mask, weights, q, k, v, bias)
+        return _value_and_grads(on_mesh, 0.1, mask, weights, q, k, v, bias)
 
     rows = batch_sharding(mesh)
     placed = [jax.device_put(x, rows) for x in (q, k, v)]
@@ -234,56 +220,52 @@ def test_sharded_kernels_equal_one_device():
     assert "all-gather" not in step.lower(*placed, bias, mask, weights).compile().as_text()
 
 
-def test_encoder_with_kernels_equals_xla_in_training():
-    """A whole MPNet encoder (relative-position bias, packed dense layers) in training
-    mode: the same hidden states and parameter gradients with either kernel."""
-    split = attention_kernel.parse_tiling("backward_key_block=16,backward_programs_per_head=2")
-    assert_kernels_train_as_xla(
-        tiny_config("mpnet", 32),
-        32,
-        pallas={"attention_kernel": "pallas"},
-        split={"attention_kernel": "pallas", "attention_tiling": split},
+def test_a_batch_the_mesh_cannot_split_runs_whole():
+    """Built for an 8-device mesh, the kernels still take a 3-row batch (as
+    `encode` passes at evaluation): on the whole batch, with XLA's result."""
+    q, k, v, mask, bias, _ = _inputs(3, 16, 2, 16)
+    on_mesh = attention_fn("pallas", "cpu", make_mesh(data=8))
+    np.testing.assert_allclose(
+        on_mesh(q, k, v, mask, bias), XLA(q, k, v, mask, bias), rtol=1e-5, atol=1e-6
     )
 
 
-def test_config_tiling_reaches_the_model():
-    """config.model.attention_tiling is the Tiling of the built model's encoder."""
+def test_encoder_with_kernels_equals_xla_in_training():
+    """A whole MPNet encoder (relative-position bias, packed dense layers) in training
+    mode: the same hidden states and parameter gradients with either kernel."""
+    assert_kernels_train_as_xla(tiny_config("mpnet", 32), 32, pallas=PALLAS)
+
+
+@pytest.mark.parametrize("kind", ["auto", "xla", "pallas"])
+def test_config_attention_kernel_reaches_the_model(kind):
+    """config.model.attention_kernel, resolved once where the model is built: on
+    this CPU "auto" and "xla" are XLA's `attend`, "pallas" the interpreted kernels
+    on the training mesh."""
     from configs import tiny
     from embeddings.model_setup import build_model
 
     config = tiny.get_config()
-    config.model.attention_tiling = "backward_key_block=32,query_gradient_warps=8"
-    encoder = build_model(config).model.encoder
-    assert encoder.attention_tiling == attention_kernel.Tiling(
-        backward_key_block=32, query_gradient_warps=8
-    )
-
-
-def test_tiling_text_round_trip_and_errors():
-    """config.model.attention_tiling's "name=value,..." form."""
-    parse = attention_kernel.parse_tiling
-    assert parse("") == attention_kernel.Tiling()
-    tiling = parse(" backward_key_block=64, query_gradient_warps=8 ")
-    assert tiling == attention_kernel.Tiling(backward_key_block=64, query_gradient_warps=8)
-    assert attention_kernel.format_tiling(tiling) == "backward_key_block=64,query_gradient_warps=8"
-    assert parse(attention_kernel.format_tiling(tiling)) == tiling
-    assert attention_kernel.format_tiling(attention_kernel.Tiling()) == ""
-    assert parse("backward_key_block=None").backward_key_block is None
-    with pytest.raises(ValueError, match="unknown field 'forward_blocks'"):
-        parse("forward_blocks=32")
-    with pytest.raises(ValueError, match="forward_warps='four' is not a whole number"):
-        parse("forward_warps=four")
-    with pytest.raises(ValueError, match=r"Tiling\.forward_block=24"):
-        parse("forward_block=24")
+    config.model.attention_kernel = kind
+    mesh = make_mesh(data=8)
+    attention = build_model(config, mesh=mesh).model.encoder.attention
+    if kind == "pallas":
+        assert attention == FusedAttention(mesh=mesh, interpret=True)
+    else:
+        assert attention is attend
 
 
 def test_auto_uses_the_kernels_only_where_measured_faster():
-    assert not layers.use_fused_attention("xla", (8, 128, 12, 64))
-    assert layers.use_fused_attention("pallas", (8, 32, 2, 16))
-    assert not layers.use_fused_attention("pallas", (8, 100, 2, 16))  # not a power of two
-    # This CPU is not a GPU: "auto" keeps XLA; on a GPU it takes head size 64 up to 128 tokens.
-    assert not layers.use_fused_attention("auto", (8, 128, 12, 64))
-    assert attention_kernel.measured_faster(128, 64)
-    assert not attention_kernel.measured_faster(128, 32)
+    assert attention_fn("xla", "gpu") is attend
+    assert PALLAS.takes((8, 32, 2, 16))
+    assert not PALLAS.takes((8, 100, 2, 16))  # not a power of two
+    # Off a GPU "auto" is XLA; on a GPU it takes head size 64 up to 128 tokens.
+    assert attention_fn("auto", "cpu") is attend
+    on_gpu = attention_fn("auto", "gpu")
+    assert not on_gpu.interpret
+    assert on_gpu.takes((8, 128, 12, 64))
+    assert not on_gpu.takes((8, 128, 12, 32))
+    assert not on_gpu.takes((8, 256, 12, 64))
+    assert pallas_attention.measured_faster(128, 64)
+    assert not pallas_attention.measured_faster(128, 32)
     with pytest.raises(ValueError, match="attention kernel 'cudnn'"):
-        layers.use_fused_attention("cudnn", (8, 32, 2, 16))
+        attention_fn("cudnn", "gpu")

@@ -497,6 +497,7 @@ def tiny_config(**data) -> ml_collections.ConfigDict:
             max_bad_line_share=0.01,
             prefetch=2,
             workers=0,
+            negatives_per_row=0,
         )
         | data
     )

@@ -362,3 +362,113 @@ def test_sharded_global_batch_equals_single_device():
     assert float(sharded[1]) == float(single[1])
     for ours, ref in zip(sharded[2], single[2], strict=True):
         np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("num_negatives", [1, 3])
+@pytest.mark.parametrize("similarity", ["dot", "cosine"])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_distill_kl_matches_st(num_negatives, similarity, temperature):
+    arrays = random_columns(40 + num_negatives, 2 + num_negatives)
+    teacher = np.random.default_rng(6).normal(size=(N, 1 + num_negatives)).astype(np.float32)
+    teacher[0, 1] = teacher[0, 0] + 50.0  # one nearly one-hot teacher row
+    _, pairwise_fn, _ = SIMILARITIES[similarity]
+    reference = st_losses.DistillKLDivLoss(
+        None, similarity_fct=pairwise_fn, temperature=temperature
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ST's one-time check of the teacher scores' scale
+        ref_loss, ref_grads = torch_loss_and_grads(reference, arrays, teacher)
+
+    def loss(query, candidates):
+        return losses.distill_kl_loss(
+            query, candidates, teacher, similarity=similarity, temperature=temperature
+        )
+
+    (value, metrics), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+        arrays[0], arrays[1:]
+    )
+    assert_close(value, ref_loss, "loss")
+    for k, (ours, ref) in enumerate(zip([grads[0], *grads[1]], ref_grads, strict=True)):
+        assert_close(ours, ref, f"grad of column {k}")
+    student = np.stack([np.sum(arrays[0] * c, axis=1) for c in arrays[1:]], axis=1)
+    if similarity == "dot":
+        agree = np.mean(np.argmax(student, 1) == np.argmax(teacher, 1))
+        assert float(metrics["accuracy"]) == pytest.approx(agree)
+
+
+def test_distill_kl_hand_computed_and_rejects_bad_inputs():
+    # One query, two candidates with student dot scores 1 and 0, teacher scores 0 and 0:
+    # KL(uniform || softmax(1, 0)) = sum 0.5 * (log 0.5 - log p_k).
+    q = np.array([[1.0, 0.0]], np.float32)
+    c1, c2 = np.array([[1.0, 0.0]], np.float32), np.array([[0.0, 1.0]], np.float32)
+    p = np.exp([1.0, 0.0]) / np.sum(np.exp([1.0, 0.0]))
+    expected = np.sum(0.5 * (np.log(0.5) - np.log(p)))
+    value, _ = losses.distill_kl_loss(q, [c1, c2], np.zeros((1, 2), np.float32))
+    assert float(value) == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="at least 2 candidates"):
+        losses.distill_kl_loss(q, [c1], np.zeros((1, 1), np.float32))
+    with pytest.raises(ValueError, match=r"teacher_scores has shape \(1, 3\)"):
+        losses.distill_kl_loss(q, [c1, c2], np.zeros((1, 3), np.float32))
+
+
+@pytest.mark.parametrize("per_column", [False, True])
+@pytest.mark.parametrize("columns", [1, 2])
+def test_embedding_mse_matches_st(per_column, columns):
+    arrays = random_columns(60 + columns, columns)
+    rng = np.random.default_rng(7)
+    shape = (N, columns, D) if per_column else (N, D)
+    teacher = rng.normal(size=shape).astype(np.float32)
+    reference = st_losses.MSELoss(None)
+    tensors = [torch.tensor(a, requires_grad=True) for a in arrays]
+    targets = [torch.tensor(teacher[:, c] if per_column else teacher) for c in range(columns)]
+    ref_loss = reference.compute_loss_from_embeddings(tensors, targets)
+    ref_loss.backward()
+
+    (value, metrics), grads = jax.value_and_grad(losses.embedding_mse_loss, has_aux=True)(
+        arrays, teacher
+    )
+    assert_close(value, ref_loss.item(), "loss")
+    for k, (ours, ref) in enumerate(zip(grads, tensors, strict=True)):
+        assert_close(ours, ref.grad.numpy(), f"grad of column {k}")
+    assert -1.0 <= float(metrics["cosine"]) <= 1.0
+    with pytest.raises(ValueError, match="teacher's embedding size must equal"):
+        losses.embedding_mse_loss(arrays, teacher[..., :-1])
+
+
+def _loss_config(**overrides):
+    import ml_collections
+
+    from configs.default import get_config
+
+    cfg = get_config().loss
+    cfg.update(overrides)
+    return ml_collections.FrozenConfigDict(cfg)
+
+
+def test_objective_dispatches_each_kind_to_its_loss():
+    arrays = random_columns(80, 4)
+    rng = np.random.default_rng(8)
+    scores = rng.normal(size=(N, 3)).astype(np.float32)
+    margins = rng.normal(size=(N, 2)).astype(np.float32)
+    teacher = rng.normal(size=(N, D)).astype(np.float32)
+    batch = {"scores": scores, "teacher_embedding": teacher}
+    dot = dict(similarity="dot", scale=1.0)
+
+    value, _ = losses.objective(arrays, batch, _loss_config(kind="distill_kl", **dot))
+    expected, _ = losses.distill_kl_loss(arrays[0], arrays[1:], scores)
+    assert float(value) == pytest.approx(float(expected), rel=1e-6)
+
+    value, _ = losses.objective(arrays[:2], batch, _loss_config(kind="embedding_mse"))
+    expected, _ = losses.embedding_mse_loss(arrays[:2], teacher)
+    assert float(value) == pytest.approx(float(expected), rel=1e-6)
+
+    # MarginMSE with k = 2 negatives, from teacher scores or from margins (ST's two layouts).
+    value, _ = losses.objective(arrays, batch, _loss_config(kind="margin_mse", **dot))
+    expected, _ = losses.margin_mse_loss(arrays[0], arrays[1], arrays[2:], scores)
+    assert float(value) == pytest.approx(float(expected), rel=1e-6)
+    value, _ = losses.objective(arrays, {"margin": margins}, _loss_config(kind="margin_mse", **dot))
+    expected, _ = losses.margin_mse_loss(arrays[0], arrays[1], arrays[2:], margins)
+    assert float(value) == pytest.approx(float(expected), rel=1e-6)
+
+    with pytest.raises(ValueError, match=r"distill_kl.*'scores'"):
+        losses.objective(arrays, {}, _loss_config(kind="distill_kl"))

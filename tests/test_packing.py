@@ -16,6 +16,7 @@ from embeddings.host_batch import (
     token_index,
 )
 from embeddings.models import SentenceEncoder, SentenceSpec, load_pretrained
+from embeddings.models.dropout import dropout, padded_tokens
 from embeddings.models.packing import Packer
 
 
@@ -94,6 +95,33 @@ def test_pack_unpack_properties_over_random_masks():
         grad_unpack = jax.grad(lambda t, p=packer, x=x: jnp.vdot(p.unpack(t), x))(jnp.asarray(y))
         # Unused slots receive no gradient; real ones the padded array's values.
         np.testing.assert_allclose(grad_unpack, packer.pack(jnp.asarray(x)), rtol=1e-6)
+
+
+def test_packed_tokens_draw_the_dropout_mask_of_their_padded_positions():
+    """Each packed slot knows its row of the batch and position in the padded
+    sequence (checked against numpy's `nonzero` of the mask, per group), so
+    hidden dropout on the packed layout, unpacked, is dropout on the padded
+    layout at every real token, for any number of groups (devices)."""
+    rng = np.random.default_rng(1)
+    key = jax.random.PRNGKey(3)
+    for trial in range(20):
+        groups = int(rng.choice([1, 2, 4]))
+        rows, length, width = groups * int(rng.integers(1, 4)), int(rng.integers(2, 9)), 16
+        mask = _random_mask(rng, rows, length)
+        index = token_index(mask, groups, int(group_real_counts(mask, groups).max()) or 1)
+        packer = Packer.create(jnp.asarray(index), jnp.asarray(mask))
+        packed_rows, packed_positions = (np.asarray(t) for t in packer.tokens())
+        for g in range(groups):
+            group_rows = rows // groups
+            real_rows, real_positions = np.nonzero(mask[g * group_rows : (g + 1) * group_rows])
+            n = len(real_rows)
+            np.testing.assert_array_equal(packed_rows[g, :n], real_rows + g * group_rows)
+            np.testing.assert_array_equal(packed_positions[g, :n], real_positions)
+        x = jnp.asarray(rng.normal(size=(rows, length, width)).astype(np.float32))
+        padded = dropout(x, 0.5, key, padded_tokens(rows, length))
+        packed = packer.unpack(dropout(packer.pack(x), 0.5, key, packer.tokens()))
+        np.testing.assert_array_equal(packed, padded * mask[..., None], err_msg=f"trial {trial}")
+        assert 0.3 < float(jnp.mean(padded == 0)) < 0.7
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import sys
 import pytest
 from test_bench import _positive, _result
 
-from embeddings.models import attention_kernel
+from embeddings.models.kernels import pallas_attention as attention_kernel
 
 pytestmark = pytest.mark.slow  # worker processes, each importing JAX and compiling
 

@@ -186,10 +186,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path):
         ("--config.batch_size=33", "config.batch_size=33 is not divisible by 2"),
         ("--config.batch_size=33", "each of the 2 devices"),
         ("--config.model.document_init=foo", "document_init"),
-        (
-            "--config.model.attention_tiling=backward_keyblock=64",
-            "unknown field 'backward_keyblock'",
-        ),
+        ("--config.model.attention_kernel=cudnn", "config.model.attention_kernel='cudnn'"),
     ],
 )
 def test_bad_config_fails_with_a_clear_message(tmp_path, override, message):

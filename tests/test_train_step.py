@@ -17,7 +17,6 @@ from sentence_transformers import SentenceTransformer, losses, models, util
 from transformers import get_linear_schedule_with_warmup
 
 from configs import default
-from embeddings.dual_encoder import DualEncoder
 from embeddings.host_batch import batch_token_index, global_batch
 from embeddings.models import (
     SentenceEncoder,
@@ -26,6 +25,9 @@ from embeddings.models import (
     load_pretrained,
     load_tokenizer,
 )
+from embeddings.models.attention import attend
+from embeddings.models.dual_encoder import DualEncoder
+from embeddings.models.kernels import attention_fn
 from embeddings.optim import make_optimizer
 from embeddings.sharding import make_mesh, replicated, tree_shardings
 from embeddings.train_step import init_state, loss_and_grads, train_step
@@ -230,7 +232,7 @@ def test_five_adamw_steps_match_pytorch(tiny_bert):
 # ---- Sharding and GradCache: same numbers on any mesh, any chunking ----
 
 
-def _random_setup(rows=16, lengths=(12, 20, 20), num_heads=4, attention_kernel="xla"):
+def _random_setup(rows=16, lengths=(12, 20, 20), num_heads=4, attention=attend):
     from embeddings.models import EncoderConfig
 
     config = EncoderConfig(
@@ -242,7 +244,7 @@ def _random_setup(rows=16, lengths=(12, 20, 20), num_heads=4, attention_kernel="
         max_position_embeddings=64,
     )
     spec = SentenceSpec(pooling="mean", normalize=True)
-    model = DualEncoder(SentenceEncoder(config, spec, attention_kernel=attention_kernel))
+    model = DualEncoder(SentenceEncoder(config, spec, attention=attention))
     params = model.init(jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
     batch = {"input_ids": [], "attention_mask": []}
@@ -309,6 +311,31 @@ def test_packed_equals_padded_single_device(mesh_shape, monkeypatch):
     _assert_trees_close(many[1], one[1], rtol=1e-5)
 
 
+@pytest.mark.parametrize("mesh_shape", [(1, 1), (8, 1), (2, 4)])
+def test_packed_equals_padded_with_dropout(mesh_shape, monkeypatch):
+    """With dropout on, the dense layers on real tokens only, packed per device,
+    train as the padded batch on one device: the dropout masks depend on the
+    example, token position and feature, not on the layout or the device count."""
+    monkeypatch.setattr("embeddings.sharding.MIN_FSDP_SIZE", 1)
+    model, params, batch = _random_setup()
+    key = jax.random.PRNGKey(7)
+    one = _sharded_loss_and_grads(
+        model, params, batch, make_mesh(1, 1, jax.devices()[:1]), dropout_rng=key
+    )
+    mesh = make_mesh(*mesh_shape, jax.devices()[: mesh_shape[0] * mesh_shape[1]])
+    index = batch_token_index(batch["attention_mask"], mesh.size, 32)
+    assert all(i is not None for i in index), "every column must be packed"
+    packed = _sharded_loss_and_grads(
+        model, params, dict(batch, token_index=index), mesh, dropout_rng=key
+    )
+    plain = _sharded_loss_and_grads(model, params, batch, mesh, dropout_rng=key)
+    without = _sharded_loss_and_grads(model, params, batch, mesh)
+    assert abs(one[0] - without[0]) > 1e-3, "dropout must change the loss"
+    for got in (packed, plain):
+        assert got[0] == pytest.approx(one[0], rel=1e-6)
+        _assert_trees_close(got[1], one[1], rtol=1e-5)
+
+
 def test_grad_cache_equals_plain_step_at_8_chunks():
     model, params, batch = _random_setup(rows=16)
     mesh1 = make_mesh(1, 1, jax.devices()[:1])
@@ -328,15 +355,14 @@ def test_fused_attention_step_equals_xla_with_dropout(mesh_shape, chunk):
     GradCache steps, dropout on: the loss and gradients of XLA attention on one
     device (same dropout masks; GradCache draws its own per chunk)."""
     setup = dict(lengths=(16, 32, 32), num_heads=2)  # shapes the kernels take
+    mesh = make_mesh(*mesh_shape)
     model, params, batch = _random_setup(**setup)
-    fused, *_ = _random_setup(**setup, attention_kernel="pallas")
+    fused, *_ = _random_setup(**setup, attention=attention_fn("pallas", "cpu", mesh))
     key = jax.random.PRNGKey(4)
     one = _sharded_loss_and_grads(
         model, params, batch, make_mesh(1, 1, jax.devices()[:1]), chunk=chunk, dropout_rng=key
     )
-    many = _sharded_loss_and_grads(
-        fused, params, batch, make_mesh(*mesh_shape), chunk=chunk, dropout_rng=key
-    )
+    many = _sharded_loss_and_grads(fused, params, batch, mesh, chunk=chunk, dropout_rng=key)
     assert many[0] == pytest.approx(one[0], rel=1e-6)
     _assert_trees_close(many[1], one[1], rtol=1e-5)
 
@@ -358,3 +384,67 @@ def test_non_finite_gradients_skip_the_update():
     _assert_trees_close(
         jax.tree.map(np.asarray, new_state.params), jax.tree.map(np.asarray, poisoned), 0.0
     )
+
+
+# ---- GIST: guided false-negative filtering against sentence-transformers ----
+
+
+@pytest.fixture(scope="module")
+def tiny_guide(tmp_path_factory):
+    """Another tiny BERT (other random weights, the same tokenizer) as the frozen guide."""
+    return make_tiny_hf_model("bert", tmp_path_factory.mktemp("tiny_guide"), seed=1)
+
+
+def _st_model(folder):
+    transformer = models.Transformer(str(folder), max_seq_length=64)
+    pooling = models.Pooling(transformer.get_embedding_dimension(), "mean")
+    st = SentenceTransformer(modules=[transformer, pooling], device="cpu")
+    st.eval()
+    return st
+
+
+@pytest.mark.parametrize(
+    "columns,chunk,options",
+    [
+        (2, 0, dict(margin_strategy="absolute", margin=0.0)),
+        (3, 0, dict(margin_strategy="relative", margin=0.05, contrast_anchors=False)),
+        (2, 2, dict(margin_strategy="absolute", margin=0.02)),
+        (3, 4, dict(margin_strategy="relative", margin=0.0, contrast_positives=False)),
+    ],
+)
+def test_gist_matches_sentence_transformers(tiny_bert, tiny_guide, columns, chunk, options):
+    """GISTEmbedLoss (plain step) and CachedGISTEmbedLoss (GradCache) on the same weights."""
+    texts = [ANCHORS, POSITIVES, NEGATIVES][:columns]
+    temperature = 0.05
+    cfg = _loss_config(kind="gist", scale=1.0 / temperature)
+    cfg.guide.update(init=str(tiny_guide), **options)
+
+    pre, guide = load_pretrained(str(tiny_bert)), load_pretrained(str(tiny_guide))
+    spec = SentenceSpec(pooling="mean", normalize=False)
+    model = DualEncoder(SentenceEncoder(pre.config, spec))
+    batch = _tokenize(load_tokenizer(tiny_bert), texts)
+    (loss, metrics), grads = loss_and_grads(
+        {"encoder": pre.params},
+        batch,
+        None,
+        model=model,
+        loss_config=cfg,
+        grad_cache_chunk=chunk,
+        guide=SentenceEncoder(guide.config, spec),
+        guide_params=guide.params,
+    )
+    ours = hf_state_dict(jax.tree.map(np.asarray, grads["encoder"]), pre.config)
+
+    st, st_guide = _st_model(tiny_bert), _st_model(tiny_guide)
+    kwargs = dict(temperature=temperature, **options)
+    if chunk:
+        reference = losses.CachedGISTEmbedLoss(st, st_guide, mini_batch_size=chunk, **kwargs)
+    else:
+        reference = losses.GISTEmbedLoss(st, st_guide, **kwargs)
+    ref_loss = reference([st.tokenize(t) for t in texts], None)
+    ref_loss.backward()
+    theirs = {_hf_name(n): p.grad.numpy() for n, p in st.named_parameters() if p.grad is not None}
+
+    assert float(loss) == pytest.approx(float(ref_loss.detach()), rel=1e-5, abs=1e-6)
+    _assert_grads_close(ours, theirs)
+    assert 0.0 < float(metrics["masked"]) < 1.0  # the guide masked some candidates, not all

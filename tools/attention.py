@@ -4,7 +4,7 @@
         [--head_dim 64] [--dtype bfloat16] [--rate 0.1] [--no_bias] [--steps 20] [--json]
     python tools/attention.py --sweep [--sweep_max N] ...   # the kernels' tilings
 
-Times `layers.attend` on random [batch, length, heads, head_dim] inputs with a
+Times `kernels.attention_fn(kernel, ...)` on random [batch, length, heads, head_dim] inputs with a
 random key-padding mask, MPNet's [heads, length, length] bias (unless
 --no_bias) and attention dropout at --rate, as one encoder layer of a training
 step computes it, with kernel="xla" and kernel="pallas" in turn (a, b, a, b,
@@ -36,9 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import _timing
-from embeddings.models import layers
-from embeddings.models.attention_kernel import Tiling, attention
 from embeddings.models.dropout import seed_words
+from embeddings.models.kernels import attention_fn
+from embeddings.models.kernels.pallas_attention import Tiling, attention
 
 KERNELS = ("xla", "pallas")
 # What --sweep varies, one kernel at a time (the other keeps its default). Left
@@ -81,9 +81,10 @@ def inputs(args) -> dict:
 def functions(kernel: str, rate: float):
     """(forward, forward + backward), jitted, for one kernel."""
     key = jax.random.PRNGKey(0)
+    attend = attention_fn(kernel, jax.default_backend())
 
     def loss(q, k, v, bias, mask, weights):
-        out = layers.attend(q, k, v, mask, bias, dropout_rate=rate, dropout_rng=key, kernel=kernel)
+        out = attend(q, k, v, mask, bias, dropout_rate=rate, dropout_rng=key)
         return jnp.sum(out.astype(jnp.float32) * weights)
 
     return jax.jit(loss), jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))

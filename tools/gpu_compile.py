@@ -10,9 +10,8 @@ JAX compiles ahead of time for a GPU that a target description names
 (`jax.experimental.topologies`): XLA's GPU passes, fusions, layouts and Triton
 run as on the device, but nothing is autotuned (GEMMs take XLA's default
 choice), so the program can differ a little from the one a GPU runs. The model
-picks its attention kernels by the default backend, the CPU here; the script
-makes it pick as on a GPU by patching `jax.default_backend` while it traces
-(needed until "auto" is resolved where the model is built, issue 18.1).
+is built for the "gpu" backend (`model_setup.build_model(backend=...)`), so it
+takes, and compiles, its GPU attention kernels.
 
 It prints two things:
 1. The step's floor (`tools/roofline.py`): each op's time at the GPU's memory
@@ -29,7 +28,6 @@ It prints two things:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import os
 import pathlib
@@ -87,18 +85,6 @@ def target_config(gpu: str) -> str:
     return _SM90.format(name=spec["name"], bandwidth=int(spec["bandwidth"]), memory=spec["memory"])
 
 
-@contextlib.contextmanager
-def _as_if_on_gpu():
-    """`jax.default_backend()` says "gpu" while the step is traced, so the model
-    takes (and compiles, not interprets) its GPU attention kernels."""
-    default_backend = jax.default_backend
-    jax.default_backend = lambda: "gpu"
-    try:
-        yield
-    finally:
-        jax.default_backend = default_backend
-
-
 def compile_step(args, dump: pathlib.Path) -> str:
     """The optimised HLO text of our step for --gpu; the PTX of its kernels in `dump`."""
     from jax.experimental import topologies
@@ -109,7 +95,7 @@ def compile_step(args, dump: pathlib.Path) -> str:
     mesh = Mesh(np.asarray(topology.devices).reshape(1, 1), ("data", "fsdp"))
     folder = step_bench.model_dir(args.model)
     _, training = step_bench.build_ours(
-        folder, mesh, dtype=args.dtype, **step_bench.model_kernels(args)
+        folder, mesh, dtype=args.dtype, **step_bench.model_kernels(args), backend="gpu"
     )
     host = step_bench.host_batch(args, folder)
     if args.pack_levels:
@@ -119,10 +105,9 @@ def compile_step(args, dump: pathlib.Path) -> str:
     batch = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=rows), host
     )
-    with _as_if_on_gpu():
-        compiled = training.train_step.lower(training.abstract_state, batch).compile(
-            compiler_options={"xla_dump_to": str(dump), "xla_gpu_dump_llvmir": True}
-        )
+    compiled = training.train_step.lower(training.abstract_state, batch).compile(
+        compiler_options={"xla_dump_to": str(dump), "xla_gpu_dump_llvmir": True}
+    )
     return compiled.as_text()
 
 

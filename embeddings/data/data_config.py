@@ -20,9 +20,12 @@ from etils import epath
 
 FILE_FORMATS = ("jsonl", "tsv", "csv", "hf")
 FORMATS = (*FILE_FORMATS, "hf_hub", "tfds")
-KINDS = ("pairs", "triplets", "margin")
-# Texts per row for each declared kind (a margin row also holds one score).
-KIND_COLUMNS = {"pairs": 2, "triplets": 3, "margin": 3}
+KINDS = ("pairs", "triplets", "margin", "scores", "embedding")
+# Texts per row for the kinds that fix it.
+KIND_COLUMNS = {"pairs": 2, "triplets": 3}
+# Kinds whose rows end in a teacher label (data/README.md, "Teacher labels"), with the fewest
+# texts such a row holds: margin and scores rows a query, a positive and >= 1 negative.
+LABELLED_KINDS = {"margin": 3, "scores": 3, "embedding": 2}
 
 _KEYS = (
     "name",
@@ -61,9 +64,10 @@ class DatasetEntry:
       weight: relative share of groups drawn from this dataset.
       lines: line count as written in the config (informational, may be None).
       format: one of FORMATS.
-      kind: "pairs", "triplets", "margin", or None to infer the column count from the data.
-      fields: keys (or CSV/TSV columns) holding the texts, in column order; for kind
-        "margin" the last field holds the teacher margin. None: detect from the first row.
+      kind: one of KINDS, or None to infer the column count from the data.
+      fields: keys (or CSV/TSV columns) holding the texts, in column order; for the kinds
+        "margin", "scores" and "embedding" the last field holds the teacher label. None: detect
+        from the first row.
       max_length_anchor: token limit for column 0, or None for the pipeline default.
       max_length_document: token limit for the other columns, or None for the default.
       split: split of a Hugging Face or TFDS dataset.
@@ -239,10 +243,14 @@ def _parse_fields(fields: Any, kind: str | None, fail) -> tuple[str, ...]:
         raise fail(f'"fields" must be a list of non-empty strings, got {fields!r}.')
     if len(set(fields)) != len(fields):
         raise fail(f'"fields" names a field twice: {fields!r}.')
-    expected = None if kind is None else KIND_COLUMNS[kind] + (kind == "margin")
+    if kind in LABELLED_KINDS and len(fields) < LABELLED_KINDS[kind] + 1:
+        raise fail(
+            f"kind {kind!r} needs at least {LABELLED_KINDS[kind]} text fields and then the {kind} "
+            f'field in "fields", got {fields!r}.'
+        )
+    expected = KIND_COLUMNS.get(kind)
     if expected is not None and len(fields) != expected:
-        what = "3 text fields and then the margin field" if kind == "margin" else f"{expected}"
-        raise fail(f'kind {kind!r} needs {what} in "fields", got {fields!r}.')
+        raise fail(f'kind {kind!r} needs {expected} in "fields", got {fields!r}.')
     if expected is None and len(fields) < 2:
         raise fail(f'"fields" needs at least 2 fields (anchor, positive), got {fields!r}.')
     return tuple(fields)

@@ -213,6 +213,9 @@ class InputPipeline:
       skip_duplicates: skip an example whose text is already in the (local) batch.
       max_bad_line_share: stop when a dataset's malformed-line share passes this.
       prefetch: batches prepared ahead in a background thread; 0 = none.
+      negatives_per_row: 0 = the first element of a list of candidates in a
+        {"query", "pos": [...], "neg": [...]} row; k > 0 = one positive and k
+        negatives sampled from the lists at every use (readers.sample_candidates).
       workers: processes that tokenize and pad, each on one core, while the
         background thread (or, with prefetch 0, the caller) only mixes; 0 = none,
         the thread does it all (with the tokenizer's own threads). Any value
@@ -243,6 +246,7 @@ class InputPipeline:
         max_bad_line_share: float = _DEFAULT.data.max_bad_line_share,
         prefetch: int = _DEFAULT.data.prefetch,
         workers: int = _DEFAULT.data.workers,
+        negatives_per_row: int = _DEFAULT.data.negatives_per_row,
         seed: int = _DEFAULT.seed,
         process_index: int = 0,
         process_count: int = 1,
@@ -269,7 +273,10 @@ class InputPipeline:
         rows_per_group = self.local_batch_size // datasets_per_batch
 
         sources = [make_source(e, data_folder) for e in self.entries]
-        specs = [infer_row_spec(e, s) for e, s in zip(self.entries, sources, strict=True)]
+        specs = [
+            infer_row_spec(e, s, negatives_per_row=negatives_per_row)
+            for e, s in zip(self.entries, sources, strict=True)
+        ]
         self.layouts: list[Layout] = [spec.layout for spec in specs]
         limits = [
             (e.max_length_anchor or max_length_anchor, e.max_length_document or max_length_document)
@@ -521,6 +528,7 @@ _CONFIG_KEYS = (
     "max_bad_line_share",
     "prefetch",
     "workers",
+    "negatives_per_row",
 )
 
 
@@ -531,7 +539,7 @@ def build_pipeline(
 
     Reads config.data_folder, config.data_config, config.batch_size (global), config.seed
     and config.data.{datasets_per_batch, max_length_anchor, max_length_document, buckets,
-    shuffle_buffer, skip_duplicates, max_bad_line_share, prefetch, workers}.
+    shuffle_buffer, skip_duplicates, max_bad_line_share, prefetch, workers, negatives_per_row}.
     """
     missing = [k for k in ("data_folder", "data_config", "batch_size", "seed") if k not in config]
     if "data" not in config:

@@ -34,7 +34,12 @@ from collections.abc import Iterator
 from typing import Any, ClassVar
 
 from embeddings.data.bad_lines import MalformedDataError
-from embeddings.data.data_config import KIND_COLUMNS, DataConfigError, DatasetEntry
+from embeddings.data.data_config import (
+    KIND_COLUMNS,
+    LABELLED_KINDS,
+    DataConfigError,
+    DatasetEntry,
+)
 
 # Field sets recognised in dict rows when an entry gives no "fields", tried in order.
 KNOWN_FIELDS = {
@@ -50,6 +55,14 @@ KNOWN_FIELDS = {
     "margin": (
         ("query", "pos", "neg", "margin"),
         ("anchor", "positive", "negative", "margin"),
+    ),
+    "scores": (
+        ("query", "pos", "neg", "scores"),
+        ("anchor", "positive", "negative", "scores"),
+    ),
+    "embedding": (
+        ("english", "non_english", "embedding"),
+        ("anchor", "positive", "embedding"),
     ),
 }
 # How many records a dataset's layout may take to show up before start-up fails.
@@ -68,7 +81,7 @@ class BadRecord(Exception):
 class Layout:
     """What a batch of this dataset looks like: the loss kind and the number of text columns."""
 
-    kind: str  # "contrastive" (in-batch negatives) or "margin" (MarginMSE)
+    kind: str  # "contrastive" (in-batch negatives) or a labelled kind (data_config.LABELLED_KINDS)
     columns: int
 
     def __str__(self) -> str:
@@ -82,17 +95,28 @@ class RowSpec:
     Attributes:
       layout: the dataset's Layout.
       fields: None for a list of texts (a JSON list or an object's "texts" list), else the
-        dict keys of the texts in column order (then the margin key for kind "margin").
+        dict keys of the texts in column order (then the label key for a labelled kind).
       fixed_at: the line (or record) whose row fixed the layout, for messages.
+      label_size: numbers in each row's teacher embedding (kind "embedding", fixed by the first
+        row); None otherwise.
+      negatives: k > 0: an (anchor, positive, negative) object row's texts are lists to sample
+        one positive and k negatives from at every use (`sample_candidates`); 0: a list gives
+        its first element.
     """
 
     layout: Layout
     fields: tuple[str, ...] | None
     fixed_at: int = 1
+    label_size: int | None = None
+    negatives: int = 0
 
     @property
     def is_margin(self) -> bool:
         return self.layout.kind == "margin"
+
+    @property
+    def is_labelled(self) -> bool:
+        return self.layout.kind in LABELLED_KINDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,8 +124,11 @@ class Example:
     """One training example: column 0 is the anchor, 1 the positive, 2.. hard negatives."""
 
     texts: tuple[str, ...]
-    margin: float | None
+    margin: float | tuple[float, ...] | None  # kind "margin": one per negative (a float for one)
     line: int  # line (files) or record number (Hugging Face, TFDS), 1-based
+    label: tuple[float, ...] | None = None  # kinds "scores" and "embedding": the teacher's numbers
+    # Sampled rows (RowSpec.negatives): every positive and every negative of the row.
+    candidates: tuple[tuple[str, ...], tuple[str, ...]] | None = None
 
 
 class Source(abc.ABC):
@@ -336,8 +363,12 @@ def make_source(entry: DatasetEntry, data_folder) -> Source:
     return TfdsSource(entry, data_folder)
 
 
-def infer_row_spec(entry: DatasetEntry, source: Source) -> RowSpec:
+def infer_row_spec(entry: DatasetEntry, source: Source, *, negatives_per_row: int = 0) -> RowSpec:
     """Fixes a dataset's layout from its first valid row (within PEEK_RECORDS records).
+
+    With `negatives_per_row` k > 0, object rows of (anchor, positive[, negative]) fields get
+    one positive and k negatives sampled per use (k negative columns when there is a negative
+    field).
 
     Raises:
       DataConfigError: no valid row among the first records, naming the file and the reasons.
@@ -349,7 +380,7 @@ def infer_row_spec(entry: DatasetEntry, source: Source) -> RowSpec:
             for line, raw in itertools.islice(records, PEEK_RECORDS):
                 try:
                     row = source.decode(raw)
-                    spec = _spec_from_row(entry, row, line)
+                    spec = _sampled(_spec_from_row(entry, row, line), negatives_per_row)
                     parse_row(row, spec)
                     return spec
                 except BadRecord as e:
@@ -364,8 +395,8 @@ def infer_row_spec(entry: DatasetEntry, source: Source) -> RowSpec:
 
 
 def _spec_from_row(entry: DatasetEntry, row: Any, line: int) -> RowSpec:
-    margin = entry.kind == "margin"
-    kind = "margin" if margin else "contrastive"
+    margin = entry.kind in LABELLED_KINDS  # the row ends in a teacher label
+    kind = entry.kind if margin else "contrastive"
     if entry.fields is not None:
         fields = entry.fields
         columns = len(fields) - margin
@@ -388,14 +419,26 @@ def _spec_from_row(entry: DatasetEntry, row: Any, line: int) -> RowSpec:
     expected = KIND_COLUMNS.get(entry.kind)
     if expected is not None and columns != expected:
         raise BadRecord(f"{columns} texts, kind {entry.kind!r} needs {expected}")
+    if margin and fields is not None:
+        # A list of negatives in a labelled row is kept whole: its label scores each of them.
+        columns = sum(len(v) if isinstance(v, list) else 1 for v in _text_values(row, fields))
     if columns < 2:
         raise BadRecord(f"{columns} text(s): a row needs an anchor and a positive at least")
-    return RowSpec(Layout(kind, columns), fields, line)
+    if columns < LABELLED_KINDS.get(kind, 2):
+        raise BadRecord(f"{columns} texts: a {kind} row needs at least {LABELLED_KINDS[kind]}")
+    label_size = None
+    if kind == "embedding":
+        if fields is None:
+            label = (row["texts"] if isinstance(row, dict) else row)[-1]
+        else:
+            label = row[fields[-1]]
+        label_size = len(label) if isinstance(label, list) else None
+    return RowSpec(Layout(kind, columns), fields, line, label_size)
 
 
 def parse_row(row: Any, spec: RowSpec, line: int = 0) -> Example:
     """Reads the texts (and margin) of a decoded row from record `line`; raises BadRecord."""
-    margin = spec.is_margin
+    margin = spec.is_labelled
     if spec.fields is None:
         values = _text_list(row, spec)
     else:
@@ -405,8 +448,13 @@ def parse_row(row: Any, spec: RowSpec, line: int = 0) -> Example:
         if missing:
             raise BadRecord(f"missing key(s) {missing}{_fixed(spec)}")
         values = [row[f] for f in spec.fields]
-        # {"query", "pos": [...], "neg": [...]} rows list several candidates: take the first.
-        values[: spec.layout.columns] = [_first(v) for v in values[: spec.layout.columns]]
+        if spec.negatives:
+            return _candidates_row(values, spec, line)
+        if margin:
+            values = _expand_lists(values, spec.layout.columns)
+        else:
+            # {"query", "pos": [...], "neg": [...]} rows list several candidates: take the first.
+            values[: spec.layout.columns] = [_first(v) for v in values[: spec.layout.columns]]
     texts = tuple(values[: spec.layout.columns])
     for column, text in enumerate(texts):
         if not isinstance(text, str):
@@ -416,7 +464,11 @@ def parse_row(row: Any, spec: RowSpec, line: int = 0) -> Example:
             raise BadRecord(f"column {column} is {type(text).__name__}, not a string{hint}")
         if not text.strip():
             raise BadRecord(f"column {column} is empty")
-    return Example(texts, _margin(values[-1]) if margin else None, line)
+    if not margin:
+        return Example(texts, None, line)
+    if spec.is_margin:
+        return Example(texts, _margins(values[-1], len(texts) - 2), line)
+    return Example(texts, None, line, _label(values[-1], spec))
 
 
 def _text_list(row: Any, spec: RowSpec) -> list:
@@ -430,11 +482,11 @@ def _text_list(row: Any, spec: RowSpec) -> list:
             f'expected a JSON list or an object with a "texts" list, got {type(row).__name__}'
             f"{_fixed(spec)}"
         )
-    expected = spec.layout.columns + spec.is_margin
+    expected = spec.layout.columns + spec.is_labelled
     if len(row) != expected:
         # A row that would make a layout of its own conflicts with the file's; one with
         # fewer than 2 texts is merely short.
-        conflict = len(row) - spec.is_margin >= 2
+        conflict = len(row) - spec.is_labelled >= 2
         raise BadRecord(
             f"{len(row)} columns, expected {expected}{_fixed(spec) if conflict else ''}"
         )
@@ -454,12 +506,117 @@ def _first(value: Any) -> Any:
     return value
 
 
-def _margin(value: Any) -> float:
+def _number(value: Any, what: str) -> float:
     if isinstance(value, str):  # CSV/TSV cells
         try:
             value = float(value)
         except ValueError:
-            raise BadRecord(f"margin {value!r} is not a number") from None
+            raise BadRecord(f"{what} {value!r} is not a number") from None
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise BadRecord(f"margin {value!r} is not a finite number")
+        raise BadRecord(f"{what} {value!r} is not a finite number")
     return float(value)
+
+
+def _text_values(row: dict, fields: tuple[str, ...]) -> list[Any]:
+    missing = [f for f in fields if f not in row]
+    if missing:
+        raise BadRecord(f"missing key(s) {missing}")
+    return [row[f] for f in fields[:-1]]
+
+
+def _expand_lists(values: list[Any], columns: int) -> list[Any]:
+    """Texts of a labelled dict row with list fields flattened (the label stays last)."""
+    texts = [t for v in values[:-1] for t in (v if isinstance(v, list) else [v])]
+    if len(texts) != columns:
+        raise BadRecord(f"{len(texts)} texts, the dataset's first row had {columns}")
+    return [*texts, values[-1]]
+
+
+def _numbers(value: Any, what: str) -> tuple[float, ...]:
+    values = list(value) if isinstance(value, list | tuple) else [value]
+    if not values:
+        raise BadRecord(f"the {what} label is an empty list")
+    return tuple(_number(v, what) for v in values)
+
+
+def _margins(value: Any, negatives: int) -> float | tuple[float, ...]:
+    """A margin row's label as one margin per negative (a float when there is one negative).
+
+    Accepts a number (one negative), k margins `score(pos) - score(neg_i)`, or the k + 1 teacher
+    scores of the positive and each negative (sentence-transformers' two `MarginMSELoss` layouts).
+    """
+    margins = _numbers(value, "margin")
+    if len(margins) == negatives + 1:
+        margins = tuple(margins[0] - s for s in margins[1:])
+    if len(margins) != negatives:
+        raise BadRecord(
+            f"{len(margins)} margin value(s) for {negatives} negative(s): give one margin per "
+            "negative, or the teacher scores of the positive and of each negative"
+        )
+    return margins[0] if negatives == 1 else margins
+
+
+def _label(value: Any, spec: RowSpec) -> tuple[float, ...]:
+    """The teacher scores (one per candidate) or teacher embedding of a labelled row."""
+    if not isinstance(value, list | tuple):
+        raise BadRecord(f"the {spec.layout.kind} label must be a list of numbers, got {value!r}")
+    numbers = _numbers(value, spec.layout.kind)
+    expected = spec.layout.columns - 1 if spec.layout.kind == "scores" else spec.label_size
+    if len(numbers) != expected:
+        what = "one per candidate" if spec.layout.kind == "scores" else "the first row's size"
+        raise BadRecord(f"{len(numbers)} {spec.layout.kind} numbers, expected {expected} ({what})")
+    return numbers
+
+
+def _sampled(spec: RowSpec, negatives: int) -> RowSpec:
+    """The spec with sampling on, for the row layouts it applies to (else unchanged)."""
+    sampled = negatives and not spec.is_labelled and spec.fields is not None
+    if not sampled or spec.layout.columns > 3:
+        return spec
+    columns = 2 + negatives if spec.layout.columns == 3 else 2
+    return dataclasses.replace(spec, layout=Layout(spec.layout.kind, columns), negatives=negatives)
+
+
+def _candidate_texts(value: Any, column: int) -> tuple[str, ...]:
+    texts = tuple(value) if isinstance(value, list | tuple) else (value,)
+    for text in texts:
+        if not isinstance(text, str) or not text.strip():
+            raise BadRecord(f"column {column} holds {text!r}, not a non-empty string")
+    return texts
+
+
+def _candidates_row(values: list[Any], spec: RowSpec, line: int) -> Example:
+    """An example keeping every positive and negative of a row, for `sample_candidates`."""
+    if not isinstance(values[0], str) or not values[0].strip():
+        raise BadRecord(f"column 0 holds {values[0]!r}, not a non-empty string")
+    query = values[0]
+    positives = _candidate_texts(values[1], 1)
+    negatives = _candidate_texts(values[2], 2) if len(values) > 2 else ()
+    if not positives or (len(values) > 2 and not negatives):
+        raise BadRecord("an empty list of positives or negatives")
+    example = Example((query,), None, line, candidates=(positives, negatives))
+    return sample_candidates(example, spec.negatives, None)
+
+
+def sample_candidates(example: Example, negatives: int, rng) -> Example:
+    """The example with one positive and `negatives` negatives drawn from its lists.
+
+    As Tevatron's train_group_size - 1: negatives without replacement when the row has enough,
+    else with replacement. The caller seeds `rng` from (seed, dataset, process, epoch, line), so
+    every use draws afresh and a resumed run draws the same. `rng=None` takes the first ones (a
+    placeholder until the stream draws).
+    """
+    positives, pool = example.candidates
+    query = example.texts[0]
+    if rng is None:
+        positive, chosen = (
+            positives[0],
+            [pool[i % len(pool)] for i in range(negatives)] if pool else [],
+        )
+    else:
+        positive = positives[rng.integers(len(positives))]
+        chosen = []
+        if pool:
+            picks = rng.choice(len(pool), size=negatives, replace=len(pool) < negatives)
+            chosen = [pool[i] for i in picks]
+    return dataclasses.replace(example, texts=(query, positive, *chosen))

@@ -21,7 +21,14 @@ from typing import Any
 import numpy as np
 
 from embeddings.data.bad_lines import BadLineTracker, MalformedDataError
-from embeddings.data.readers import BadRecord, Example, RowSpec, Source, parse_row
+from embeddings.data.readers import (
+    BadRecord,
+    Example,
+    RowSpec,
+    Source,
+    parse_row,
+    sample_candidates,
+)
 
 # Streams of the random generators, so that permutations and chunk offsets never share draws.
 _PERMUTATION, _OFFSET = 0, 1
@@ -85,6 +92,9 @@ class ShuffledStream:
                 self._load()
             if self._pos < len(self._chunk):
                 example = self._chunk[self._order[self._pos]]
+                if example.candidates is not None:  # a fresh draw per use, from (epoch, line)
+                    rng = np.random.default_rng([*self._seed, self._epoch, example.line, 1])
+                    example = sample_candidates(example, self._spec.negatives, rng)
                 self._pos += 1
                 if self._pos == len(self._chunk):
                     self._advance()

@@ -13,6 +13,9 @@ import tokenizers
 
 from embeddings.data.readers import Example, Layout
 
+# Batch key of the teacher label of each labelled kind besides "margin" (read by losses.objective).
+LABEL_KEYS = {"scores": "scores", "embedding": "teacher_embedding"}
+
 # Texts longer than this many characters per token of the limit are cut after `limit` words.
 _CUT_CHARS_PER_TOKEN = 8
 # No text reaches the tokenizer longer than this many characters per token of the limit.
@@ -159,6 +162,9 @@ class Collator:
         }
         if layout.kind == "margin":
             batch["margin"] = np.array([example.margin for _, example in rows], dtype=np.float32)
+        elif layout.kind in LABEL_KEYS:
+            labels = [example.label for _, example in rows]
+            batch[LABEL_KEYS[layout.kind]] = np.array(labels, dtype=np.float32)
         return batch, tokens
 
     def _encode(self, texts: list[str], limits: list[int]) -> list[list[int]]:

@@ -9,10 +9,22 @@ each metric as f"eval/{evaluator.name}/{metric}".
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-import ml_collections
 import numpy as np
 
-from embeddings.evaluation.retrieval import load_retrieval, retrieval_metrics
+from embeddings.evaluation.beir import RetrievalSet
+from embeddings.evaluation.pair_classification import METRICS as PAIR_METRICS
+from embeddings.evaluation.pair_classification import load_pairs, pair_classification_metrics
+from embeddings.evaluation.reranking import METRIC_NAMES as RERANKING_METRICS
+from embeddings.evaluation.reranking import load_reranking, reranking_metrics
+from embeddings.evaluation.retrieval import METRIC_NAMES as RETRIEVAL_METRICS
+from embeddings.evaluation.retrieval import (
+    TopK,
+    check_ids,
+    load_retrieval,
+    prepare,
+    score_ranking,
+    tie_ranks,
+)
 from embeddings.evaluation.sts import load_sts, sts_metrics
 
 # (texts, role) -> [len(texts), D] embeddings; role is "query" or "document". The function does
@@ -24,6 +36,8 @@ class Evaluator(Protocol):
     """Anything with a `name` that maps an encode function to metrics."""
 
     name: str
+    # The metric names __call__ returns, known before it runs (to check config.eval.mean_of).
+    metric_names: tuple[str, ...]
 
     def __call__(self, encode: EncodeFn) -> dict[str, float]: ...
 
@@ -74,6 +88,9 @@ class STSEvaluator:
         """
         self.name = name
         self.similarities = tuple(similarities)
+        self.metric_names = tuple(
+            f"{stat}_{sim}" for sim in self.similarities for stat in ("pearson", "spearman")
+        )
         sentences1, sentences2, scores = load_sts(path, split)
         keep = _every_nth(list(range(len(scores))), max_pairs)
         self.sentences1 = [sentences1[i] for i in keep]
@@ -86,81 +103,185 @@ class STSEvaluator:
         return sts_metrics(emb1, emb2, self.scores, self.similarities)
 
 
-class RetrievalEvaluator:
-    """MRR@10, nDCG@10, Recall@1/10/100, Accuracy@1 of queries against the whole corpus.
+# Corpus documents encoded per call: the corpus's embeddings are never all held at once, so a
+# corpus of millions of documents needs host memory only for its texts and the running top-k.
+ENCODE_CHUNK = 50_000
 
-    Queries are encoded with role "query", the corpus with role "document".
+
+class RetrievalEvaluator:
+    """Ranks the whole corpus for each query: nDCG@10, MRR@10, MAP@100, Recall/Precision/Accuracy@k.
+
+    Queries are encoded with role "query", the corpus with role "document", in chunks of
+    `ENCODE_CHUNK` documents whose scores are merged into a running top-k.
+    """
+
+    def __init__(
+        self,
+        data,
+        *,
+        name: str = "retrieval",
+        max_queries: int = 0,
+        similarity: str = "cosine",
+        config_key: str = "config.eval.retrieval_file",
+    ):
+        """Loads queries and corpus.
+
+        Args:
+          data: a `RetrievalSet` (see `beir.py`) or a Debian-format query/document file
+            (data/debian_retrieval_dev.jsonl.gz).
+          name: the evaluator's name in metric keys.
+          max_queries: use at most this many queries, spread over the set (0 = all); the corpus
+            stays whole, so the task is as hard as the full one, only noisier.
+          similarity: "cosine" or "dot", as the model is trained.
+          config_key: the config field that names the data, for error messages.
+        """
+        self.name = name
+        self.similarity = similarity
+        self.metric_names = RETRIEVAL_METRICS
+        if isinstance(data, RetrievalSet):
+            queries, self.corpus, self.relevant = data.queries, data.corpus, data.relevant()
+        else:
+            queries, self.corpus, self.relevant = load_retrieval(data, config_key)
+        self.query_ids = _every_nth(list(queries), max_queries)
+        self.queries = [queries[qid] for qid in self.query_ids]
+        self.corpus_ids = list(self.corpus)
+        check_ids(self.query_ids, self.corpus_ids, self.relevant)
+
+    def __call__(self, encode: EncodeFn) -> dict[str, float]:
+        query_emb = encode_checked(encode, self.queries, "query")
+        best = TopK(prepare(query_emb, self.similarity), tie_ranks(self.corpus_ids))
+        for start in range(0, len(self.corpus_ids), ENCODE_CHUNK):
+            ids = self.corpus_ids[start : start + ENCODE_CHUNK]
+            chunk = encode_checked(encode, [self.corpus[c] for c in ids], "document")
+            best.add(prepare(chunk, self.similarity), start)
+        return score_ranking(best.rows, self.query_ids, self.corpus_ids, self.relevant)
+
+
+class RerankingEvaluator:
+    """MAP, MRR@10 and nDCG@10 of each query's candidates ranked by similarity.
+
+    Queries are encoded with role "query", candidates with role "document".
     """
 
     def __init__(
         self,
         path,
         *,
-        name: str = "retrieval",
+        name: str = "reranking",
         max_queries: int = 0,
         similarity: str = "cosine",
+        config_key: str = "config.eval.tasks",
     ):
-        """Loads queries and corpus.
+        """Loads the samples (`reranking.load_reranking`'s format).
 
         Args:
-          path: query/document file (data/debian_retrieval_dev.jsonl.gz).
+          path: JSONL of {"query", "positive": [...], "negative": [...]}.
           name: the evaluator's name in metric keys.
-          max_queries: use at most this many queries, spread over the file (0 = all); the corpus
-            stays whole, so the task is as hard as the full one, only noisier.
-          similarity: "cosine" or "dot", as the model is trained.
+          max_queries: use at most this many samples, spread over the file (0 = all).
+          similarity: "cosine" or "dot".
+          config_key: the config field that names the file, for error messages.
         """
         self.name = name
         self.similarity = similarity
-        queries, self.corpus, self.relevant = load_retrieval(path)
-        self.query_ids = _every_nth(list(queries), max_queries)
-        self.queries = [queries[qid] for qid in self.query_ids]
-        self.corpus_ids = list(self.corpus)
+        self.metric_names = RERANKING_METRICS
+        self.samples = _every_nth(load_reranking(path, config_key), max_queries)
 
     def __call__(self, encode: EncodeFn) -> dict[str, float]:
-        query_emb = encode_checked(encode, self.queries, "query")
-        corpus_emb = encode_checked(encode, [self.corpus[c] for c in self.corpus_ids], "document")
-        return retrieval_metrics(
+        query_emb = encode_checked(encode, [s.query for s in self.samples], "query")
+        candidates = [text for s in self.samples for text in (*s.positive, *s.negative)]
+        candidate_emb = encode_checked(encode, candidates, "document")
+        return reranking_metrics(
             query_emb,
-            corpus_emb,
-            self.query_ids,
-            self.corpus_ids,
-            self.relevant,
+            candidate_emb,
+            [len(s.positive) for s in self.samples],
+            [len(s.negative) for s in self.samples],
             similarity=self.similarity,
         )
 
 
-def build_evaluators(
-    config_eval: ml_collections.ConfigDict, *, similarity: str = "cosine"
-) -> list[Evaluator]:
-    """The evaluators `config.eval` asks for.
+class PairClassificationEvaluator:
+    """Best-threshold accuracy and F1, and average precision, of labelled pairs by similarity.
 
-    Keys used: `sts_file`, `sts_split`, `retrieval_file` (an empty path disables that evaluator)
-    and `max_queries`. `batch_size` belongs to the encode function the caller builds.
+    Both sentences of a pair are encoded with role "query" (pairs are symmetric), each distinct
+    sentence once.
+    """
+
+    def __init__(
+        self,
+        path,
+        *,
+        name: str = "pair_classification",
+        max_pairs: int = 0,
+        similarities: Sequence[str] = ("cosine",),
+        config_key: str = "config.eval.tasks",
+    ):
+        """Loads the pairs (`pair_classification.load_pairs`'s format).
+
+        Args:
+          path: TSV with sentence1, sentence2, label (0/1).
+          name: the evaluator's name in metric keys.
+          max_pairs: use at most this many pairs, spread over the file (0 = all).
+          similarities: "cosine" and/or "dot".
+          config_key: the config field that names the file, for error messages.
+        """
+        self.name = name
+        self.similarities = tuple(similarities)
+        self.metric_names = tuple(
+            f"{sim}_{metric}" for sim in self.similarities for metric in PAIR_METRICS
+        )
+        sentences1, sentences2, labels = load_pairs(path, config_key)
+        keep = _every_nth(list(range(len(labels))), max_pairs)
+        self.sentences1 = [sentences1[i] for i in keep]
+        self.sentences2 = [sentences2[i] for i in keep]
+        self.labels = labels[keep]
+
+    def __call__(self, encode: EncodeFn) -> dict[str, float]:
+        texts = list(dict.fromkeys([*self.sentences1, *self.sentences2]))
+        embeddings = encode_checked(encode, texts, "query")
+        row = {text: i for i, text in enumerate(texts)}
+        emb1 = embeddings[[row[t] for t in self.sentences1]]
+        emb2 = embeddings[[row[t] for t in self.sentences2]]
+        return pair_classification_metrics(emb1, emb2, self.labels, self.similarities)
+
+
+class SetsMeanEvaluator:
+    """Several evaluators of one kind as one (NanoBEIR's 13 sets): each set's metrics as
+    "<set>/<metric>", and their mean over the sets as "<metric>"."""
+
+    def __init__(self, name: str, evaluators: Sequence[Evaluator]):
+        self.name = name
+        self.evaluators = list(evaluators)
+        first = self.evaluators[0].metric_names
+        self.metric_names = tuple(first) + tuple(
+            f"{e.name}/{metric}" for e in self.evaluators for metric in e.metric_names
+        )
+
+    def __call__(self, encode: EncodeFn) -> dict[str, float]:
+        per_set = {e.name: e(encode) for e in self.evaluators}
+        first = self.evaluators[0].metric_names
+        means = {m: float(np.mean([metrics[m] for metrics in per_set.values()])) for m in first}
+        return means | {
+            f"{name}/{metric}": value
+            for name, metrics in per_set.items()
+            for metric, value in metrics.items()
+        }
+
+
+def run_evaluators(
+    evaluators: Sequence[Evaluator], encode: EncodeFn, mean_of: Sequence[str] = ()
+) -> dict[str, float]:
+    """Every evaluator's metrics as "eval/<name>/<metric>", and "eval/mean" of `mean_of`.
 
     Args:
-      config_eval: `config.eval`.
-      similarity: the model's similarity (`config.loss.similarity`): retrieval ranks with it, and
-        STS reports it next to cosine.
-
-    Returns:
-      [STSEvaluator named "sts"] and/or [RetrievalEvaluator named "retrieval"].
+      evaluators: the evaluators to run, in order.
+      encode: (texts, role) -> embeddings.
+      mean_of: "<name>/<metric>" keys whose plain mean is reported as "eval/mean" (e.g. to pick
+        the best checkpoint on several tasks at once); () = no mean.
     """
-    evaluators: list[Evaluator] = []
-    if config_eval.sts_file:
-        similarities = ("cosine",) if similarity == "cosine" else ("cosine", similarity)
-        evaluators.append(
-            STSEvaluator(config_eval.sts_file, config_eval.sts_split, similarities=similarities)
-        )
-    if config_eval.retrieval_file:
-        if config_eval.max_queries < 0:
-            raise ValueError(
-                f"config.eval.max_queries must be >= 0 (0 = all), got {config_eval.max_queries}."
-            )
-        evaluators.append(
-            RetrievalEvaluator(
-                config_eval.retrieval_file,
-                max_queries=config_eval.max_queries,
-                similarity=similarity,
-            )
-        )
-    return evaluators
+    results: dict[str, float] = {}
+    for evaluator in evaluators:
+        for metric, value in evaluator(encode).items():
+            results[f"eval/{evaluator.name}/{metric}"] = float(value)
+    if mean_of:
+        results["eval/mean"] = float(np.mean([results[f"eval/{key}"] for key in mean_of]))
+    return results

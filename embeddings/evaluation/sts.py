@@ -11,7 +11,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import stats
 
-from embeddings.evaluation.retrieval import l2_normalize_rows, read_text
+from embeddings.evaluation.files import read_text
+from embeddings.evaluation.retrieval import l2_normalize_rows
 
 SPLITS = ("train", "dev", "test")
 STS_COLUMNS = ("split", "score", "sentence1", "sentence2")

@@ -7,6 +7,8 @@ evaluation results and a citation block.
 
 from etils import epath
 
+from embeddings.evaluation.model_index import model_index_yaml
+
 CITATION = """@inproceedings{reimers-2019-sentence-bert,
     title = "Sentence-BERT: Sentence Embeddings using Siamese BERT-Networks",
     author = "Reimers, Nils and Gurevych, Iryna",
@@ -53,7 +55,7 @@ def _is_hub_id(source: str) -> bool:
     return source.count("/") == 1 and not source.startswith((".", "/", "~"))
 
 
-def _front_matter(data_config, base_models=()) -> str:
+def _front_matter(data_config, results: list[str] = (), base_models=()) -> str:
     lines = [
         "---",
         "pipeline_tag: sentence-similarity",
@@ -73,6 +75,7 @@ def _front_matter(data_config, base_models=()) -> str:
     if data_config:
         lines.append("datasets:")
         lines += [f"- {_dataset_name(entry['name'])}" for entry in data_config]
+    lines += results  # model-index: the evaluation results as Hub metadata
     lines.append("---")
     return "\n".join(lines)
 
@@ -210,7 +213,11 @@ def write_model_card(path, files, run, model_name: str) -> None:
     text = "\n\n".join(
         part
         for part in (
-            _front_matter(run.data_config, _base_models(files)),
+            _front_matter(
+                run.data_config,
+                model_index_yaml(model_name, run.evaluation, run.config),
+                _base_models(files),
+            ),
             f"# {model_name}",
             f"This is a [sentence-transformers](https://www.SBERT.net) model: it maps sentences "
             f"and paragraphs to a {dims}-dimensional dense vector space for semantic search, "

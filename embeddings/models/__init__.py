@@ -4,9 +4,9 @@ Families: BERT (MiniLM, bert-base), DistilBERT, MPNet, RoBERTa, XLM-RoBERTa (`En
 `Encoder`) and ModernBERT (`ModernBertConfig`, `ModernBertEncoder`).
 """
 
-from embeddings.models.config import SUPPORTED_MODEL_TYPES as _ENCODER_CONFIG_TYPES
-from embeddings.models.config import EncoderConfig
 from embeddings.models.encoder import Encoder
+from embeddings.models.encoder_config import SUPPORTED_MODEL_TYPES as _ENCODER_CONFIG_TYPES
+from embeddings.models.encoder_config import EncoderConfig
 from embeddings.models.hf_weights import hf_state_dict, params_from_hf, read_hf_state_dict
 from embeddings.models.modernbert import ModernBertEncoder
 from embeddings.models.modernbert_config import MODEL_TYPE as _MODERNBERT

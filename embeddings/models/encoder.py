@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from embeddings.models.attention_kernel import Tiling
-from embeddings.models.config import EncoderConfig
+from embeddings.models.attention import Attention, attend
+from embeddings.models.dropout import padded_tokens
+from embeddings.models.encoder_config import EncoderConfig
 from embeddings.models.layers import (
     Embeddings,
     RelativePositionBias,
@@ -37,10 +38,8 @@ class Encoder(nnx.Module):
         dtype: Compute dtype, float32 or bfloat16.
         remat: Rematerialise each layer in the backward pass (gradient
             checkpointing): less activation memory for one more forward per layer.
-        attention_kernel: "auto", "xla" or "pallas" (`layers.attend`).
-        attention_tiling: The Pallas kernels' `Tiling` (None: its defaults).
-        norm_kernel: "xla" or "pallas": how residual adds, hidden dropout and
-            LayerNorms run (`layers.add_and_norm`).
+        attention: The attention function of every layer (`attention.attend`, or
+            what `kernels.attention_fn` chose for the backend and mesh).
     """
 
     def __init__(
@@ -50,9 +49,7 @@ class Encoder(nnx.Module):
         rngs: nnx.Rngs,
         dtype=jnp.float32,
         remat: bool = False,
-        attention_kernel: str = "auto",
-        attention_tiling: Tiling | None = None,
-        norm_kernel: str = "xla",
+        attention: Attention = attend,
     ):
         if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
             raise ValueError(f"Encoder dtype must be float32 or bfloat16, got {dtype}.")
@@ -66,14 +63,7 @@ class Encoder(nnx.Module):
         )
         self.layers = nnx.List(
             [
-                TransformerLayer(
-                    config,
-                    rngs=rngs,
-                    dtype=dtype,
-                    attention_kernel=attention_kernel,
-                    attention_tiling=attention_tiling,
-                    norm_kernel=norm_kernel,
-                )
+                TransformerLayer(config, rngs=rngs, dtype=dtype, attention=attention)
                 for _ in range(config.num_layers)
             ]
         )
@@ -109,23 +99,38 @@ class Encoder(nnx.Module):
             raise ValueError("Encoder(deterministic=False) needs rngs=nnx.Rngs(dropout=key).")
         positions = position_ids(input_ids, self.config.position_padding_idx)
         packer = None
+        tokens = padded_tokens(*attention_mask.shape)
         if token_index is not None:
             packer = Packer.create(token_index, attention_mask)
             input_ids, positions = packer.pack_ids(input_ids), packer.pack_ids(positions)
             if token_type_ids is not None:
                 token_type_ids = packer.pack_ids(token_type_ids)
+            tokens = packer.tokens()
         x = self.embeddings(
-            input_ids, token_type_ids, positions, deterministic=deterministic, rngs=rngs
+            input_ids,
+            token_type_ids,
+            positions,
+            tokens=tokens,
+            deterministic=deterministic,
+            rngs=rngs,
         )
         bias = None
         if self.relative_attention_bias is not None:
             bias = self.relative_attention_bias(attention_mask.shape[1])
 
-        def run_layer(layer, x, mask, bias, packer, rngs):
-            return layer(x, mask, bias, packer=packer, deterministic=deterministic, rngs=rngs)
+        def run_layer(layer, x, mask, bias, packer, tokens, rngs):
+            return layer(
+                x,
+                mask,
+                bias,
+                packer=packer,
+                tokens=tokens,
+                deterministic=deterministic,
+                rngs=rngs,
+            )
 
         if self.remat:
             run_layer = nnx.remat(run_layer)
         for layer in self.layers:
-            x = run_layer(layer, x, attention_mask, bias, packer, rngs)
+            x = run_layer(layer, x, attention_mask, bias, packer, tokens, rngs)
         return x if packer is None else packer.unpack(x)

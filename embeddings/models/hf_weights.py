@@ -19,8 +19,8 @@ import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
-from embeddings.models.config import EncoderConfig
 from embeddings.models.encoder import Encoder
+from embeddings.models.encoder_config import EncoderConfig
 from embeddings.models.modernbert import ModernBertEncoder, hf_modules
 
 # Non-persistent buffers that older transformers versions saved; they hold no

@@ -25,8 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from embeddings.models.attention import attend
 from embeddings.models.dropout import Dropout
-from embeddings.models.layers import _ACTIVATIONS, attend
+from embeddings.models.layers import _ACTIVATIONS
 from embeddings.models.modernbert_config import ModernBertConfig
 from embeddings.models.packing import Packer
 
@@ -150,7 +151,6 @@ class Attention(nnx.Module):
             bias,
             dropout_rate=self.dropout_rate,
             dropout_rng=dropout_rng,
-            kernel="xla",
         ).reshape(batch, length, -1)
         if packer is not None:
             out = packer.pack(out)
@@ -206,10 +206,8 @@ class ModernBertEncoder(nnx.Module):
         rngs: Random streams for the parameter init.
         dtype: Compute dtype, float32 or bfloat16.
         remat: Rematerialise each layer in the backward pass.
-        attention_kernel: "auto" or "xla": both run XLA attention here.
-        attention_tiling: Unused (the Pallas kernels' tiling).
-        norm_kernel: "xla" (the fused Pallas residual-LayerNorm kernel follows the
-            post-LayerNorm layer, not this one).
+        attention: Must be `attention.attend` (XLA), the default: the local layers
+            need a window mask, which the Pallas kernels do not take.
     """
 
     def __init__(
@@ -219,21 +217,14 @@ class ModernBertEncoder(nnx.Module):
         rngs: nnx.Rngs,
         dtype=jnp.float32,
         remat: bool = False,
-        attention_kernel: str = "auto",
-        attention_tiling=None,
-        norm_kernel: str = "xla",
+        attention=attend,
     ):
         if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
             raise ValueError(f"ModernBertEncoder dtype must be float32 or bfloat16, got {dtype}.")
-        if attention_kernel not in ("auto", "xla"):
+        if attention is not attend:
             raise ValueError(
-                f"config.model.attention_kernel={attention_kernel!r}: ModernBERT runs XLA "
-                "attention (the Pallas kernels take no sliding-window mask); use 'auto' or 'xla'."
-            )
-        if norm_kernel != "xla":
-            raise ValueError(
-                f"config.model.norm_kernel={norm_kernel!r}: the fused kernel is for post-LayerNorm "
-                "encoders; ModernBERT (pre-LayerNorm) needs 'xla'."
+                "config.model.attention_kernel: ModernBERT runs XLA attention (the Pallas "
+                "kernels take no sliding-window mask); use 'xla'."
             )
         self.config = config
         self.remat = remat

@@ -17,7 +17,7 @@ from typing import Any
 
 import transformers
 
-from embeddings.models.config import SUPPORTED_ACTIVATIONS
+from embeddings.models.encoder_config import SUPPORTED_ACTIVATIONS
 
 MODEL_TYPE = "modernbert"
 _LAYER_TYPES = ("full_attention", "sliding_attention")

@@ -96,6 +96,17 @@ class Packer:
         """[G, T, ...] -> [B, L, ...]; padding positions are zero."""
         return _permute(x, self.slots, self.index).reshape(*self.shape, *x.shape[2:])
 
+    def tokens(self) -> tuple[jax.Array, jax.Array]:
+        """(rows, positions), each [G, T] uint32: the row of the global batch and the
+        position in its padded sequence of each packed slot (what dropout hashes, so
+        a packed token draws the mask of its padded position)."""
+        groups = self.index.shape[0]
+        length = self.shape[1]
+        group_rows = self.shape[0] // groups
+        index = self.index.astype(jnp.uint32)
+        first_row = jnp.arange(groups, dtype=jnp.uint32)[:, None] * group_rows
+        return first_row + index // length, index % length
+
     def pack_ids(self, ids: jax.Array) -> jax.Array:
         """Integer [B, L] ids -> [G, T] (no gradient; unused slots are 0)."""
         return _take(self._grouped(ids), self.index)

@@ -51,9 +51,10 @@ def pool(hidden: jax.Array, attention_mask: jax.Array, mode: str) -> jax.Array:
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
     """Divides each row by its L2 norm, as `torch.nn.functional.normalize(x, dim=-1)`.
 
-    Rows with a norm below `eps` are divided by `eps`. The norm is taken as
-    sqrt(max(sum of squares, eps**2)), which equals max(norm, eps) and keeps the
-    gradient finite at zero.
+    Rows with a norm below `eps` are divided by `eps`. The clamp is applied to
+    the sum of squares, max(sum of squares, eps**2), which equals max(norm, eps)**2
+    and keeps the gradient finite at a zero row. The one L2 normalisation of the
+    model and the losses.
 
     Args:
         x: [..., H] array.
@@ -63,5 +64,4 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
         Array of the same shape and dtype.
     """
     squares = jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True)
-    norm = jnp.sqrt(jnp.maximum(squares, eps * eps))
-    return (x / norm).astype(x.dtype)
+    return (x * jax.lax.rsqrt(jnp.maximum(squares, eps * eps))).astype(x.dtype)

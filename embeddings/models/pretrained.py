@@ -19,7 +19,7 @@ import pathlib
 import numpy as np
 import transformers
 
-from embeddings.models.config import EncoderConfig
+from embeddings.models.encoder_config import EncoderConfig
 from embeddings.models.hf_weights import params_from_hf, read_hf_state_dict, weights_files
 from embeddings.models.pooling import POOLING_MODES
 

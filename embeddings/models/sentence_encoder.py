@@ -8,19 +8,22 @@ like any pytree.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
-from embeddings.models.attention_kernel import Tiling
-from embeddings.models.config import EncoderConfig
+from embeddings.models.attention import Attention, attend
 from embeddings.models.encoder import Encoder
+from embeddings.models.encoder_config import EncoderConfig
 from embeddings.models.modernbert import ModernBertEncoder
 from embeddings.models.pooling import POOLING_MODES, l2_normalize, pool
 from embeddings.models.pretrained import SentenceSpec
+from embeddings.sharding import batch_sharding
 
 # encode() pads lengths to a multiple of this and batches to a multiple of
 # _ROW_MULTIPLE, so a whole corpus compiles only a handful of shapes.
@@ -45,6 +48,19 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def _on_mesh(x: np.ndarray, mesh: jax.sharding.Mesh) -> jax.Array:
+    """A host array (the same on every process) as a global array, rows split over the mesh."""
+    sharding = batch_sharding(mesh)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    """The whole array on this host (gathered from the other processes when it spans them)."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 class SentenceEncoder:
     """Encoder + pooling (+ L2 normalisation) as pure functions of a params dict.
 
@@ -53,12 +69,9 @@ class SentenceEncoder:
         spec: Pooling mode, normalisation and max length.
         dtype: Compute dtype (float32 or bfloat16); parameters stay float32.
         remat: Rematerialise each layer in the backward pass.
-        attention_kernel: "auto" (the fused Pallas kernels on GPUs, XLA elsewhere),
-            "xla" or "pallas" (`layers.attend`).
-        attention_tiling: How the Pallas kernels split their work
-            (`attention_kernel.Tiling`; None: its defaults). Speed only.
-        norm_kernel: "xla" or "pallas" (the fused residual, dropout and LayerNorm
-            kernels, `layers.add_and_norm`). Speed only.
+        attention: The encoder's attention function: `attention.attend` (XLA), or
+            what `kernels.attention_fn` chose for `config.model.attention_kernel`,
+            the backend and the mesh. Speed only.
     """
 
     def __init__(
@@ -68,9 +81,7 @@ class SentenceEncoder:
         *,
         dtype=jnp.float32,
         remat: bool = False,
-        attention_kernel: str = "auto",
-        attention_tiling: Tiling | None = None,
-        norm_kernel: str = "xla",
+        attention: Attention = attend,
     ):
         if spec.pooling not in POOLING_MODES:
             raise ValueError(f"SentenceSpec.pooling={spec.pooling!r}; use one of {POOLING_MODES}.")
@@ -78,9 +89,7 @@ class SentenceEncoder:
         self.spec = spec
         self.dtype = dtype
         self.remat = remat
-        self.attention_kernel = attention_kernel
-        self.attention_tiling = attention_tiling
-        self.norm_kernel = norm_kernel
+        self.attention = attention
         # Abstract build: shapes only, no parameter memory or random numbers.
         abstract = nnx.eval_shape(lambda: self._build(nnx.Rngs(0)))
         self.graphdef, _ = nnx.split(abstract)
@@ -93,9 +102,7 @@ class SentenceEncoder:
             rngs=rngs,
             dtype=self.dtype,
             remat=self.remat,
-            attention_kernel=self.attention_kernel,
-            attention_tiling=self.attention_tiling,
-            norm_kernel=self.norm_kernel,
+            attention=self.attention,
         )
 
     def init(self, rng: jax.Array) -> dict:
@@ -175,12 +182,15 @@ class SentenceEncoder:
         *,
         batch_size: int = 64,
         max_length: int | None = None,
+        mesh: jax.sharding.Mesh | None = None,
     ) -> np.ndarray:
         """Embeds texts (evaluation and parity checks; training has its own pipeline).
 
         Tokenizes with truncation, sorts by length so batches pad little, pads
         each batch's length to a multiple of 16 and its rows to a multiple of 8
         (few compiled shapes), runs the jitted `embed`, and restores input order.
+        With a mesh, each batch's rows are split over all its devices (rows
+        padded to a multiple of the device count too).
 
         Args:
             params: Parameter dict.
@@ -189,6 +199,8 @@ class SentenceEncoder:
             batch_size: Texts per forward pass.
             max_length: Truncation length; default `spec.max_seq_length`, else the
                 tokenizer's `model_max_length`; never beyond the position table.
+            mesh: None: run where `params` live; a mesh: shard each batch's rows
+                over it (`sharding.batch_sharding`), as the trainer's evaluation does.
 
         Returns:
             [len(texts), H] float32 numpy array.
@@ -203,11 +215,12 @@ class SentenceEncoder:
         use_types = self.config.type_vocab_size > 0 and "token_type_ids" in tokens
         order = np.argsort([-len(ids) for ids in tokens["input_ids"]], kind="stable")
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        row_multiple = _ROW_MULTIPLE if mesh is None else math.lcm(_ROW_MULTIPLE, mesh.size)
         for start in range(0, len(texts), batch_size):
             rows = order[start : start + batch_size]
             longest = max(len(tokens["input_ids"][i]) for i in rows)
             length = min(_round_up(longest, _LENGTH_MULTIPLE), limit)  # longest <= limit
-            shape = (_round_up(len(rows), _ROW_MULTIPLE), length)
+            shape = (_round_up(len(rows), row_multiple), length)
             ids = np.full(shape, pad_id, np.int32)
             mask = np.zeros(shape, np.int32)
             types = np.zeros(shape, np.int32)
@@ -218,6 +231,8 @@ class SentenceEncoder:
                 mask[r, :n] = 1
                 if use_types:
                     types[r, :n] = tokens["token_type_ids"][i]
-            embedded = self._jit_embed(params, ids, mask, types if use_types else None)
-            out[rows] = np.asarray(embedded)[: len(rows)]
+            inputs = (ids, mask, types if use_types else None)
+            if mesh is not None:
+                inputs = tuple(None if x is None else _on_mesh(x, mesh) for x in inputs)
+            out[rows] = _to_host(self._jit_embed(params, *inputs))[: len(rows)]
         return out

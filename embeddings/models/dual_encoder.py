@@ -11,7 +11,7 @@ import dataclasses
 
 import jax
 
-from embeddings.models import SentenceEncoder
+from embeddings.models.sentence_encoder import SentenceEncoder
 
 TIED_TOWERS = ("encoder",)
 UNTIED_TOWERS = ("query", "document")

@@ -1,0 +1,102 @@
+"""Smoke tests of bench/quality.py and bench/trainer.py: both whole trainers, tiny sizes.
+
+Each script runs as a user runs it (a subprocess with --json) on a tiny random
+BERT (tests/hf_tiny.py) and a few steps of the bundled data; its last line must
+be one JSON object whose derived numbers agree with the raw ones it reports.
+The timings and the quality of such tiny runs are meaningless and not judged.
+"""
+
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from tests.hf_tiny import make_tiny_sentence_transformer
+
+pytestmark = pytest.mark.slow  # each script starts 3-6 processes that import torch or JAX
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    pytest.importorskip("accelerate", reason="the HF Trainer needs accelerate (requirements-dev)")
+    folder = tmp_path_factory.mktemp("benches")
+    model = make_tiny_sentence_transformer("bert", folder)
+    config = folder / "tiny_init.py"
+    config.write_text(
+        "from configs import tiny\n\n\n"
+        "def get_config():\n"
+        "    config = tiny.get_config()\n"
+        f"    config.model.init = {str(model)!r}\n"
+        '    config.model.tokenizer = ""\n'
+        "    return config\n"
+    )
+    env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0")
+    common = ["--config", str(config), "--batch_size", "8", "--json"]
+    quality = "--steps 2 --seeds 1 --max_seq_length 32 --eval_max_seq_length 32"
+    quality += " --eval_queries 20 --sts_pairs 40"
+    commands = {"quality": quality.split(), "trainer": ["--steps", "4", "--skip", "1"]}
+    processes = {
+        name: subprocess.Popen(
+            [sys.executable, str(REPO / "bench" / f"{name}.py"), *common, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=REPO,
+        )
+        for name, args in commands.items()
+    }
+    yield processes
+    for process in processes.values():
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
+def _result(launched, name: str) -> dict:
+    out, err = launched[name].communicate(timeout=900)
+    assert launched[name].returncode == 0, out[-2000:] + err[-4000:]
+    lines = out.strip().splitlines()
+    assert any(line.startswith("|---") for line in lines), "a Markdown table is printed"
+    return json.loads(lines[-1])
+
+
+def test_quality_bench(launched):
+    r = _result(launched, "quality")
+    runs = r["runs"]
+    assert sorted((x["trainer"], x["seed"]) for x in runs) == [("ours", 0), ("st", 0)]
+    for x in runs:
+        assert x["eval_max_seq_length"] == 32  # every model evaluated at the same limit
+        assert 0 <= x["debian_mrr@10"] <= 1 and -1 <= x["stsb_spearman"] <= 1
+        assert x["wall_seconds"] > 0
+    for side in ("ours", "st"):
+        values = [x["debian_mrr@10"] for x in runs if x["trainer"] == side]
+        summary = r["summary"][side]["debian_mrr@10"]
+        assert summary["mean"] == pytest.approx(statistics.fmean(values))
+        assert summary["min"] == min(values) and summary["max"] == max(values)
+    # The starting model is evaluated too: the untrained tiny model is near chance.
+    assert r["start"]["debian_mrr@10"] < 0.2
+
+
+def test_trainer_bench(launched):
+    r = _result(launched, "trainer")
+    ours, theirs = r["ours"], r["reference"]
+    for side in (ours, theirs):
+        assert side["wall_seconds"] > side["first_step_seconds"] > 0
+        assert side["peak_rss_mib"] > 100
+        assert side["pairs_per_second"] == pytest.approx(8 * side["steps_per_second"])
+        assert side["tokens_per_second"] > side["pairs_per_second"]  # >1 real token per pair
+        assert side["final_loss"] > 0
+    assert r["steady_speedup"] == pytest.approx(
+        ours["steps_per_second"] / theirs["steps_per_second"]
+    )
+    assert r["whole_run_speedup"] == pytest.approx(theirs["wall_seconds"] / ours["wall_seconds"])
+    assert r["memory_ratio"] == pytest.approx(ours["peak_rss_mib"] / theirs["peak_rss_mib"])
+    for runs in r["runs"].values():
+        assert len(runs[0]["step_times"]) == 4  # every step recorded on both sides
