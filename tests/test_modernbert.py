@@ -218,7 +218,7 @@ def test_long_inputs_past_512_tokens(folders):
 def test_grad_cache_step_on_long_documents_equals_the_plain_step(folders):
     """Short queries against ~600-token documents: GradCache (chunks of 2 rows) gives
     the plain step's loss and gradients."""
-    from embeddings.dual_encoder import DualEncoder
+    from embeddings.models.dual_encoder import DualEncoder
     from embeddings.train_step import loss_and_grads
 
     pre = load_pretrained(str(folders["plain"]))
