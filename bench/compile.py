@@ -117,6 +117,15 @@ KNOWN_SIZES = {
     "distilbert-base-uncased": dict(
         _BERT, model_type="distilbert", hidden_size=768, num_layers=6, intermediate_size=3072
     ),
+    "answerdotai/ModernBERT-base": dict(
+        model_type="modernbert",
+        vocab_size=50368,
+        hidden_size=768,
+        num_layers=22,
+        num_heads=12,
+        intermediate_size=1152,
+        max_position_embeddings=8192,
+    ),
 }
 TOKENIZER = "data/tokenizers/bert-uncased"  # the random inits' tokenizer (all uncased WordPiece)
 

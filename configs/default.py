@@ -93,7 +93,8 @@ def get_config() -> ml_collections.ConfigDict:
             # Tokenizer folder or Hub id; "" = the init's tokenizer.
             tokenizer="",
             # Architecture for random init (ignored when init is set).
-            model_type="bert",  # "bert" | "distilbert" | "mpnet" | "roberta" | "xlm-roberta"
+            # "bert" | "distilbert" | "mpnet" | "roberta" | "xlm-roberta" | "modernbert"
+            model_type="bert",
             vocab_size=30522,
             hidden_size=384,
             num_layers=6,

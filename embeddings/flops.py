@@ -2,7 +2,9 @@
 
 Counts matrix multiplications only (the usual MFU convention): per token and
 layer, 2*(4*H*H + 2*H*I) for the projections and feed-forward, plus
-2*2*n*H for attention scores and the weighted sum over a text's n tokens. A
+2*2*n*H for attention scores and the weighted sum over a text's n tokens.
+ModernBERT's GeGLU feed-forward has 3*H*I weights instead of 2*H*I; its local
+layers are counted over the whole text too (XLA computes them masked). A
 backward pass costs twice the forward; GradCache adds one more forward.
 
 Only real tokens count, each text at its own length: padding is not model
@@ -38,7 +40,8 @@ def forward_flops(config: EncoderConfig, lengths) -> float:
     """Matmul FLOPs of one forward pass over texts of these real lengths (tokens)."""
     n = np.asarray(lengths, np.float64)
     h, i = config.hidden_size, config.intermediate_size
-    per_layer = 2 * (4 * h * h + 2 * h * i) * n.sum() + 2 * 2 * h * np.square(n).sum()
+    ffn = 3 if config.model_type == "modernbert" else 2  # GeGLU: value and gate halves
+    per_layer = 2 * (4 * h * h + ffn * h * i) * n.sum() + 2 * 2 * h * np.square(n).sum()
     return float(config.num_layers * per_layer)
 
 

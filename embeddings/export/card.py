@@ -46,7 +46,16 @@ def _dataset_name(name: str) -> str:
     return name
 
 
-def _front_matter(data_config, results: list[str] = ()) -> str:
+def _base_models(files) -> list[str]:
+    """The towers' initial weights (Hub ids or local folders), without duplicates."""
+    return sorted({source for source in files.sources.values() if source})
+
+
+def _is_hub_id(source: str) -> bool:
+    return source.count("/") == 1 and not source.startswith((".", "/", "~"))
+
+
+def _front_matter(data_config, results: list[str] = (), base_models=()) -> str:
     lines = [
         "---",
         "pipeline_tag: sentence-similarity",
@@ -59,6 +68,10 @@ def _front_matter(data_config, results: list[str] = ()) -> str:
         "- jax",
         "- flax",
     ]
+    hub_ids = [source for source in base_models if _is_hub_id(source)]
+    if hub_ids:  # the Hub links the model to its base model(s)
+        lines.append("base_model:")
+        lines += [f"- {source}" for source in hub_ids]
     if data_config:
         lines.append("datasets:")
         lines += [f"- {_dataset_name(entry['name'])}" for entry in data_config]
@@ -131,6 +144,7 @@ def _technical_details(files) -> str:
             "Architecture",
             f"{config.model_type} ({config.num_layers} layers, {config.hidden_size} hidden)",
         ),
+        ("Base model", ", ".join(_base_models(files)) or "random"),
         ("Towers", "one (shared)" if files.model.tied else "two: query and document"),
         ("Dimensions", config.hidden_size),
         ("Max sequence length", spec.max_seq_length),
@@ -200,7 +214,9 @@ def write_model_card(path, files, run, model_name: str) -> None:
         part
         for part in (
             _front_matter(
-                run.data_config, model_index_yaml(model_name, run.evaluation, run.config)
+                run.data_config,
+                model_index_yaml(model_name, run.evaluation, run.config),
+                _base_models(files),
             ),
             f"# {model_name}",
             f"This is a [sentence-transformers](https://www.SBERT.net) model: it maps sentences "

@@ -1,11 +1,16 @@
 """Transformer encoders (Flax NNX) with exact PyTorch parity, and Hugging Face import/export.
 
-Families: BERT (MiniLM, bert-base), DistilBERT, MPNet, RoBERTa, XLM-RoBERTa.
+Families: BERT (MiniLM, bert-base), DistilBERT, MPNet, RoBERTa, XLM-RoBERTa (`EncoderConfig`,
+`Encoder`) and ModernBERT (`ModernBertConfig`, `ModernBertEncoder`).
 """
 
 from embeddings.models.encoder import Encoder
-from embeddings.models.encoder_config import SUPPORTED_MODEL_TYPES, EncoderConfig
+from embeddings.models.encoder_config import SUPPORTED_MODEL_TYPES as _ENCODER_CONFIG_TYPES
+from embeddings.models.encoder_config import EncoderConfig
 from embeddings.models.hf_weights import hf_state_dict, params_from_hf, read_hf_state_dict
+from embeddings.models.modernbert import ModernBertEncoder
+from embeddings.models.modernbert_config import MODEL_TYPE as _MODERNBERT
+from embeddings.models.modernbert_config import ModernBertConfig
 from embeddings.models.pooling import POOLING_MODES, l2_normalize, pool
 from embeddings.models.pretrained import (
     Pretrained,
@@ -17,11 +22,16 @@ from embeddings.models.pretrained import (
 )
 from embeddings.models.sentence_encoder import SentenceEncoder
 
+# Every model_type the project builds: `EncoderConfig`'s families, and ModernBERT.
+SUPPORTED_MODEL_TYPES = (*_ENCODER_CONFIG_TYPES, _MODERNBERT)
+
 __all__ = [
     "POOLING_MODES",
     "SUPPORTED_MODEL_TYPES",
     "Encoder",
     "EncoderConfig",
+    "ModernBertConfig",
+    "ModernBertEncoder",
     "Pretrained",
     "SentenceEncoder",
     "SentenceSpec",

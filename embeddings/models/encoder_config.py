@@ -199,6 +199,10 @@ class EncoderConfig:
                 embeddings in BERT) is not supported.
         """
         model_type = hf_config.get("model_type")
+        if model_type == "modernbert":  # another architecture, with its own config class
+            from embeddings.models.modernbert_config import ModernBertConfig
+
+            return ModernBertConfig.from_hf(hf_config)
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
                 f"config.json has model_type={model_type!r}; supported: {SUPPORTED_MODEL_TYPES}."

@@ -21,6 +21,7 @@ from safetensors import safe_open
 
 from embeddings.models.encoder import Encoder
 from embeddings.models.encoder_config import EncoderConfig
+from embeddings.models.modernbert import ModernBertEncoder, hf_modules
 
 # Non-persistent buffers that older transformers versions saved; they hold no
 # learned values, so they are neither parameters nor extras.
@@ -84,19 +85,24 @@ class _Tensor:
     transpose: bool = False
 
 
-def _module_tensors(path: tuple, kind: str, hf_name: str) -> Iterator[_Tensor]:
+def _module_tensors(path: tuple, kind: str, hf_name: str, bias: bool = True) -> Iterator[_Tensor]:
     if kind == "linear":
         yield _Tensor((*path, "kernel"), f"{hf_name}.weight", transpose=True)
-        yield _Tensor((*path, "bias"), f"{hf_name}.bias")
+        if bias:
+            yield _Tensor((*path, "bias"), f"{hf_name}.bias")
     elif kind == "norm":
         yield _Tensor((*path, "scale"), f"{hf_name}.weight")
-        yield _Tensor((*path, "bias"), f"{hf_name}.bias")
+        if bias:
+            yield _Tensor((*path, "bias"), f"{hf_name}.bias")
     else:  # embedding table
         yield _Tensor((*path, "embedding"), f"{hf_name}.weight")
 
 
 def _name_map(config: EncoderConfig) -> list[_Tensor]:
-    """Every encoder parameter with its HF *Model name (no prefix), in a fixed order."""
+    """Every encoder parameter with its HF *Model name (no prefix), in a fixed order
+    (the word embeddings first)."""
+    if config.model_type == "modernbert":
+        return [t for module in hf_modules(config) for t in _module_tensors(*module)]
     modules = [
         (("embeddings", "word"), "embed", "embeddings.word_embeddings"),
         (("embeddings", "position"), "embed", "embeddings.position_embeddings"),
@@ -117,7 +123,8 @@ def _name_map(config: EncoderConfig) -> list[_Tensor]:
 
 
 def _expected_shapes(config: EncoderConfig) -> dict[tuple, tuple[int, ...]]:
-    abstract = nnx.eval_shape(lambda: Encoder(config, rngs=nnx.Rngs(0)))
+    model = ModernBertEncoder if config.model_type == "modernbert" else Encoder
+    abstract = nnx.eval_shape(lambda: model(config, rngs=nnx.Rngs(0)))
     flat = nnx.state(abstract, nnx.Param).flat_state()
     return {tuple(path): tuple(var.value.shape) for path, var in flat}
 
@@ -132,8 +139,7 @@ def _normalise_name(name: str) -> str:
     return name
 
 
-def _find_prefix(names, source: str) -> str:
-    anchor = "embeddings.word_embeddings.weight"
+def _find_prefix(names, source: str, anchor: str) -> str:
     prefixes = sorted({n[: -len(anchor)] for n in names if n.endswith(anchor)})
     if len(prefixes) != 1:
         found = "none" if not prefixes else ", ".join(repr(p + anchor) for p in prefixes)
@@ -166,11 +172,12 @@ def params_from_hf(
         ValueError: If a tensor is missing or has the wrong shape for `config`.
     """
     names = {_normalise_name(k): k for k in state_dict}
-    prefix = _find_prefix(names, source)
+    tensors = _name_map(config)
+    prefix = _find_prefix(names, source, anchor=tensors[0].hf_name)
     unprefixed = {n[len(prefix) :]: k for n, k in names.items() if n.startswith(prefix)}
     shapes = _expected_shapes(config)
     params: dict = {}
-    for tensor in _name_map(config):
+    for tensor in tensors:
         if tensor.hf_name not in unprefixed:
             raise ValueError(
                 f"{source}: missing tensor '{prefix}{tensor.hf_name}' needed by a "

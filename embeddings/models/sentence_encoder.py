@@ -20,6 +20,7 @@ from jax.experimental import multihost_utils
 from embeddings.models.attention import Attention, attend
 from embeddings.models.encoder import Encoder
 from embeddings.models.encoder_config import EncoderConfig
+from embeddings.models.modernbert import ModernBertEncoder
 from embeddings.models.pooling import POOLING_MODES, l2_normalize, pool
 from embeddings.models.pretrained import SentenceSpec
 from embeddings.sharding import batch_sharding
@@ -94,8 +95,9 @@ class SentenceEncoder:
         self.graphdef, _ = nnx.split(abstract)
         self._jit_embed = jax.jit(self.embed)
 
-    def _build(self, rngs: nnx.Rngs) -> Encoder:
-        return Encoder(
+    def _build(self, rngs: nnx.Rngs) -> Encoder | ModernBertEncoder:
+        model = ModernBertEncoder if self.config.model_type == "modernbert" else Encoder
+        return model(
             self.config,
             rngs=rngs,
             dtype=self.dtype,
