@@ -141,6 +141,37 @@ def test_packed_equals_padded_forward_and_backward(folders):
     )
 
 
+def test_packed_equals_padded_with_dropout(folders):
+    """With every dropout on, the packed layout draws the padded layout's masks: same
+    embeddings at every row, same gradients (the mask depends on (row, position,
+    feature), never on the layout)."""
+    config = load_pretrained(str(folders["plain"])).config
+    config = dataclasses.replace(
+        config, embedding_dropout=0.1, attention_dropout=0.1, mlp_dropout=0.1
+    )
+    encoder = SentenceEncoder(config, SentenceSpec(pooling="mean"))
+    params = encoder.init(jax.random.PRNGKey(0))
+    ids, mask = _batch(LENGTHS)
+    (index,) = batch_token_index([mask], groups=2, levels=8)
+    weights = np.random.default_rng(2).standard_normal((len(LENGTHS), 32)).astype(np.float32)
+    key = jax.random.PRNGKey(5)
+
+    def loss(params, token_index):
+        out = encoder.embed(params, ids, mask, token_index=token_index, dropout_rng=key)
+        return jnp.sum(out * weights)
+
+    padded, padded_grads = jax.value_and_grad(loss)(params, None)
+    packed, packed_grads = jax.value_and_grad(loss)(params, jnp.asarray(index))
+    deterministic = jnp.sum(encoder.embed(params, ids, mask) * weights)
+    assert abs(float(padded) - float(deterministic)) > 1e-3  # dropout really acts
+    np.testing.assert_allclose(packed, padded, rtol=1e-5)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4),
+        packed_grads,
+        padded_grads,
+    )
+
+
 def test_bfloat16_is_as_close_as_pytorch_bfloat16(folders):
     folder = folders["plain"]
     pre = load_pretrained(str(folder))

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from embeddings.models.attention import attend
-from embeddings.models.dropout import Dropout
+from embeddings.models.dropout import Dropout, padded_tokens
 from embeddings.models.layers import _ACTIVATIONS
 from embeddings.models.modernbert_config import ModernBertConfig
 from embeddings.models.packing import Packer
@@ -107,8 +107,10 @@ class Embeddings(nnx.Module):
         self.norm = _layer_norm(config, jnp.float32, rngs)
         self.dropout = Dropout(config.embedding_dropout)
 
-    def __call__(self, input_ids, *, deterministic=True, rngs=None):
-        x = self.dropout(self.norm(self.word(input_ids)), deterministic=deterministic, rngs=rngs)
+    def __call__(self, input_ids, tokens=None, *, deterministic=True, rngs=None):
+        """`tokens`: the (rows, positions) of the ids in the padded batch (dropout's mask)."""
+        x = self.norm(self.word(input_ids))
+        x = self.dropout(x, tokens, deterministic=deterministic, rngs=rngs)
         return x.astype(self.dtype)
 
 
@@ -129,8 +131,11 @@ class Attention(nnx.Module):
         self.output = _linear(config, hidden, hidden, out_std, config.attention_bias, dtype, rngs)
         self.dropout = Dropout(config.attention_dropout)
 
-    def __call__(self, x, mask, positions, *, packer=None, deterministic=True, rngs=None):
-        """x: [B, L, H] (or packed [G, T, H] with `packer`); mask, positions: [B, L]."""
+    def __call__(
+        self, x, mask, positions, *, packer=None, tokens=None, deterministic=True, rngs=None
+    ):
+        """x: [B, L, H] (or packed [G, T, H] with `packer`); mask, positions: [B, L];
+        `tokens`: the (rows, positions) of `x`'s tokens in the padded batch."""
         qkv = self.qkv(x)
         if packer is not None:
             qkv = packer.unpack(qkv)
@@ -154,7 +159,7 @@ class Attention(nnx.Module):
         ).reshape(batch, length, -1)
         if packer is not None:
             out = packer.pack(out)
-        return self.dropout(self.output(out), deterministic=deterministic, rngs=rngs)
+        return self.dropout(self.output(out), tokens, deterministic=deterministic, rngs=rngs)
 
 
 class GatedMLP(nnx.Module):
@@ -170,10 +175,10 @@ class GatedMLP(nnx.Module):
         self.activation = _ACTIVATIONS[config.hidden_act]
         self.dropout = Dropout(config.mlp_dropout)
 
-    def __call__(self, x, *, deterministic=True, rngs=None):
+    def __call__(self, x, tokens=None, *, deterministic=True, rngs=None):
         value, gate = jnp.split(self.input(x), 2, axis=-1)
         hidden = self.activation(value) * gate
-        return self.output(self.dropout(hidden, deterministic=deterministic, rngs=rngs))
+        return self.output(self.dropout(hidden, tokens, deterministic=deterministic, rngs=rngs))
 
 
 class Layer(nnx.Module):
@@ -186,12 +191,20 @@ class Layer(nnx.Module):
         self.mlp_norm = _layer_norm(config, dtype, rngs)
         self.mlp = GatedMLP(config, rngs=rngs, dtype=dtype)
 
-    def __call__(self, x, mask, positions, *, packer=None, deterministic=True, rngs=None):
+    def __call__(
+        self, x, mask, positions, *, packer=None, tokens=None, deterministic=True, rngs=None
+    ):
         normed = x if self.attention_norm is None else self.attention_norm(x)
         x = x + self.attention(
-            normed, mask, positions, packer=packer, deterministic=deterministic, rngs=rngs
+            normed,
+            mask,
+            positions,
+            packer=packer,
+            tokens=tokens,
+            deterministic=deterministic,
+            rngs=rngs,
         )
-        return x + self.mlp(self.mlp_norm(x), deterministic=deterministic, rngs=rngs)
+        return x + self.mlp(self.mlp_norm(x), tokens, deterministic=deterministic, rngs=rngs)
 
 
 class ModernBertEncoder(nnx.Module):
@@ -254,19 +267,30 @@ class ModernBertEncoder(nnx.Module):
         positions = jnp.broadcast_to(
             jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape
         )
-        packer = None
+        # Dropout draws each element's mask from its (row, position, feature) in
+        # the padded batch, so packed and padded runs (and any device count) agree.
+        packer, tokens = None, padded_tokens(*attention_mask.shape)
         if token_index is not None:
             packer = Packer.create(token_index, attention_mask)
             input_ids = packer.pack_ids(input_ids)
-        x = self.embeddings(input_ids, deterministic=deterministic, rngs=rngs)
+            tokens = packer.tokens()
+        x = self.embeddings(input_ids, tokens, deterministic=deterministic, rngs=rngs)
 
-        def run_layer(layer, x, mask, positions, packer, rngs):
-            return layer(x, mask, positions, packer=packer, deterministic=deterministic, rngs=rngs)
+        def run_layer(layer, x, mask, positions, packer, tokens, rngs):
+            return layer(
+                x,
+                mask,
+                positions,
+                packer=packer,
+                tokens=tokens,
+                deterministic=deterministic,
+                rngs=rngs,
+            )
 
         if self.remat:
             run_layer = nnx.remat(run_layer)
         for layer in self.layers:
-            x = run_layer(layer, x, attention_mask, positions, packer, rngs)
+            x = run_layer(layer, x, attention_mask, positions, packer, tokens, rngs)
         x = self.final_norm(x)
         return x if packer is None else packer.unpack(x)
 
