@@ -107,12 +107,15 @@ def build_model(
         similarity=config.loss.similarity,
         do_lower_case=base_spec.do_lower_case,
     )
+    kernel = m.attention_kernel
+    if kernel == "auto" and encoder_config.model_type == "modernbert":
+        kernel = "xla"  # the Pallas kernels take no sliding-window mask
     encoder = SentenceEncoder(
         encoder_config,
         spec,
         dtype=dtype,
         remat=m.remat,
-        attention=attention_fn(m.attention_kernel, backend or jax.default_backend(), mesh),
+        attention=attention_fn(kernel, backend or jax.default_backend(), mesh),
     )
     model = DualEncoder(encoder, m.tied)
 

@@ -327,6 +327,18 @@ def test_random_init_from_the_training_config():
     assert embedded.shape == (1, 32) and np.isfinite(embedded).all()
 
 
+def test_auto_attention_is_xla_even_on_a_gpu():
+    """ "auto" picks the Pallas kernels on a GPU for the other encoders; they take no
+    window mask, so a ModernBERT built for a GPU gets XLA's attention."""
+    from embeddings.models.attention import attend
+
+    config = tiny.get_config()
+    config.model.model_type = "modernbert"
+    assert build_model(config, backend="gpu").model.encoder.attention is attend
+    config.model.model_type = "bert"
+    assert build_model(config, backend="gpu").model.encoder.attention is not attend
+
+
 @pytest.mark.slow
 def test_train_export_and_load_in_sentence_transformers(folders, tmp_path):
     """train.py a few steps from a tiny ModernBERT, export, and load the folder in
