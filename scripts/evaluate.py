@@ -17,42 +17,64 @@ encoders; each batch is split over all local devices. Prints a table of metrics;
 the last line is one JSON object.
 """
 
+import argparse
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from absl import app, flags
 from etils import epath
 
 from embeddings.evaluation import TASK_KINDS, EncodeFn, evaluators_for
 
-_MODEL = flags.DEFINE_string(
-    "model", None, "Model folder (sentence-transformers or HF), Hub id, or training workdir."
-)
-_TASK = flags.DEFINE_enum("task", None, list(TASK_KINDS), "Which evaluation to run.")
-_DATA = flags.DEFINE_string(
-    "data",
-    None,
-    "sts: .tsv(.gz); retrieval: BEIR folder, Debian .jsonl(.gz), Hub id or NanoBEIR[:a,b]; "
-    "reranking: .jsonl(.gz); pair_classification: .tsv(.gz).",
-)
-_SPLIT = flags.DEFINE_string(
-    "split", None, "sts: train|dev|test (default dev); BEIR retrieval: qrels split (default test)."
-)
-_BATCH = flags.DEFINE_integer("batch_size", 128, "Texts per encoding batch.")
-_MAX_QUERIES = flags.DEFINE_integer(
-    "max_queries",
-    0,
-    "At most this many queries (pairs for sts/pair_classification), 0 = all; a retrieval "
-    "corpus stays whole.",
-)
-_SIMILARITY = flags.DEFINE_enum(
-    "similarity", None, ["cosine", "dot"], "Override the model's similarity (default: its own)."
-)
-_JSON = flags.DEFINE_bool("json", False, "Print the metrics as one JSON object on the last line.")
-flags.mark_flags_as_required(["model", "task", "data"])
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Evaluate a model without training.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="Model folder (sentence-transformers or HF), Hub id, or training workdir.",
+    )
+    parser.add_argument(
+        "--task", required=True, choices=list(TASK_KINDS), help="Which evaluation to run."
+    )
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="sts: .tsv(.gz); retrieval: BEIR folder, Debian .jsonl(.gz), Hub id or "
+        "NanoBEIR[:a,b]; reranking: .jsonl(.gz); pair_classification: .tsv(.gz).",
+    )
+    parser.add_argument(
+        "--split",
+        default=None,
+        help="sts: train|dev|test (default dev); BEIR retrieval: qrels split (default test).",
+    )
+    parser.add_argument("--batch_size", type=int, default=128, help="Texts per encoding batch.")
+    parser.add_argument(
+        "--max_queries",
+        type=int,
+        default=0,
+        help="At most this many queries (pairs for sts/pair_classification), 0 = all; a "
+        "retrieval corpus stays whole.",
+    )
+    parser.add_argument(
+        "--similarity",
+        choices=["cosine", "dot"],
+        default=None,
+        help="Override the model's similarity (default: its own).",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="Print the metrics as one JSON object on the last line."
+    )
+    args = parser.parse_args(argv)
+    if args.batch_size <= 0 or args.max_queries < 0:
+        parser.error("--batch_size must be > 0 and --max_queries >= 0.")
+    return args
+
 
 # Files a training workdir (or one of its checkpoint step folders) has and a model folder lacks.
 _WORKDIR_MARKERS = ("checkpoints", "state", "metrics.jsonl")
@@ -112,34 +134,31 @@ def print_table(metrics: dict[str, float]) -> None:
         print(f"{name:<{width}}  {value:.4f}")
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if _BATCH.value <= 0 or _MAX_QUERIES.value < 0:
-        raise app.UsageError("--batch_size must be > 0 and --max_queries >= 0.")
+def main(argv=None) -> None:
+    args = parse_args(argv)
     try:
-        encode, model_similarity = load_encode_fn(_MODEL.value, _BATCH.value)
-        similarity = _SIMILARITY.value or model_similarity
+        encode, model_similarity = load_encode_fn(args.model, args.batch_size)
+        similarity = args.similarity or model_similarity
         (evaluator,) = evaluators_for(
-            _TASK.value,
-            _DATA.value,
+            args.task,
+            args.data,
             similarity=similarity,
-            split=_SPLIT.value,
-            max_queries=_MAX_QUERIES.value,
+            split=args.split,
+            max_queries=args.max_queries,
         )
         metrics = evaluator(encode)
     except (FileNotFoundError, ValueError) as err:  # TaskError is a ValueError
         # These carry a message saying what is wrong and what to do; a traceback adds nothing.
         sys.exit(f"evaluate.py: error: {err}")
 
-    print(f"{_TASK.value} on {_DATA.value} ({_MODEL.value}, similarity {similarity})")
+    print(f"{args.task} on {args.data} ({args.model}, similarity {similarity})")
     print_table(metrics)
-    if _JSON.value:
-        summary = {"model": _MODEL.value, "task": _TASK.value, "data": _DATA.value}
-        if _SPLIT.value:
-            summary["split"] = _SPLIT.value
+    if args.json:
+        summary = {"model": args.model, "task": args.task, "data": args.data}
+        if args.split:
+            summary["split"] = args.split
         print(json.dumps({**summary, "similarity": similarity, **metrics}))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

@@ -9,56 +9,75 @@
 The latest checkpoint is exported unless --step or --best says otherwise.
 """
 
+import argparse
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from absl import app, flags
 
 from embeddings.export.run import export_run
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir, or a checkpoint step folder.")
-_OUTPUT = flags.DEFINE_string("output", None, "Folder to write the sentence-transformers model to.")
-_STEP = flags.DEFINE_integer("step", None, "Export this step (default: the latest).")
-_BEST = flags.DEFINE_bool("best", False, "Export the best step (WORKDIR/best).")
-_LATEST = flags.DEFINE_bool("latest", False, "Export the latest step (the default).")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a non-empty --output.")
-_SPLIT = flags.DEFINE_bool(
-    "split_towers", False, "Untied models: also write OUTPUT-Q and OUTPUT-A single-tower folders."
-)
-_PUSH = flags.DEFINE_string("push_to_hub", None, "Upload the export to this Hub repo (org/name).")
-_PRIVATE = flags.DEFINE_bool("private", False, "Create the Hub repo as private.")
-_MESSAGE = flags.DEFINE_string(
-    "commit_message", "Upload sentence-transformers model", "Hub commit message."
-)
-_NO_CHECK = flags.DEFINE_bool(
-    "skip_parity_check", False, "Do not compare with sentence-transformers."
-)
-_JSON = flags.DEFINE_bool("json", False, "Print a JSON summary as the last line.")
-flags.mark_flags_as_required(["workdir", "output"])
 
-
-def main(argv):
-    del argv
-    if sum([_STEP.value is not None, _BEST.value, _LATEST.value]) > 1:
-        raise app.UsageError("Pass at most one of --step, --best, --latest.")
-    summary = export_run(
-        _WORKDIR.value,
-        _OUTPUT.value,
-        step=_STEP.value,
-        best=_BEST.value,
-        overwrite=_OVERWRITE.value,
-        split_towers=_SPLIT.value,
-        parity_check=not _NO_CHECK.value,
-        push_to_hub=_PUSH.value,
-        private=_PRIVATE.value,
-        commit_message=_MESSAGE.value,
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Export a training checkpoint as a sentence-transformers model.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    if _JSON.value:
+    parser.add_argument(
+        "--workdir", required=True, help="Training workdir, or a checkpoint step folder."
+    )
+    parser.add_argument(
+        "--output", required=True, help="Folder to write the sentence-transformers model to."
+    )
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--step", type=int, default=None, help="Export this step.")
+    which.add_argument("--best", action="store_true", help="Export the best step (WORKDIR/best).")
+    which.add_argument(
+        "--latest", action="store_true", help="Export the latest step (the default)."
+    )
+    parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty --output.")
+    parser.add_argument(
+        "--split_towers",
+        action="store_true",
+        help="Untied models: also write OUTPUT-Q and OUTPUT-A single-tower folders.",
+    )
+    parser.add_argument(
+        "--push_to_hub", default=None, help="Upload the export to this Hub repo (org/name)."
+    )
+    parser.add_argument("--private", action="store_true", help="Create the Hub repo as private.")
+    parser.add_argument(
+        "--commit_message", default="Upload sentence-transformers model", help="Hub commit message."
+    )
+    parser.add_argument(
+        "--skip_parity_check",
+        action="store_true",
+        help="Do not compare with sentence-transformers.",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="Print a JSON summary as the last line."
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    summary = export_run(
+        args.workdir,
+        args.output,
+        step=args.step,
+        best=args.best,
+        overwrite=args.overwrite,
+        split_towers=args.split_towers,
+        parity_check=not args.skip_parity_check,
+        push_to_hub=args.push_to_hub,
+        private=args.private,
+        commit_message=args.commit_message,
+    )
+    if args.json:
         print(json.dumps(summary))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()
