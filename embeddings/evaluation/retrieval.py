@@ -11,8 +11,8 @@ from collections.abc import Collection, Mapping, Sequence
 import numpy as np
 
 from embeddings.evaluation.files import read_jsonl, text_field
+from embeddings.losses import SIMILARITIES
 
-SIMILARITIES = ("cosine", "dot")
 # The cut-offs reported: sentence-transformers' defaults plus Recall@100 (the project's earlier
 # metric set); the corpus ranking is kept to the largest of them.
 ACCURACY_AT = (1, 3, 5, 10)
@@ -75,7 +75,11 @@ def load_retrieval(
 
 
 def l2_normalize_rows(x: np.ndarray) -> np.ndarray:
-    """Unit-norm rows in float32, as `torch.nn.functional.normalize` (norm clamped at 1e-12)."""
+    """Unit-norm rows in float32, as `torch.nn.functional.normalize` (norm clamped at 1e-12).
+
+    The host-side (numpy) twin of `models.pooling.l2_normalize`: evaluation scores
+    chunks of embeddings already on the host, which a jax call would copy back.
+    """
     x = np.asarray(x, np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), np.float32(1e-12))
 
