@@ -220,7 +220,7 @@ def compile_for(config, target: Target, lengths: str = "full") -> tuple[object, 
     topology = topologies.get_topology_desc(topology_name=target.topology, platform="tpu")
     devices = list(topology.devices)
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
-    setup = build_model(config, mesh=mesh)
+    setup = build_model(config, mesh=mesh, backend="tpu")  # "auto" settings as on a TPU
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), setup.params)
     training = build_training(config, setup.model, params, mesh)
     columns = 3 if config.loss.kind == "margin_mse" else 2

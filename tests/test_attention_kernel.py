@@ -14,11 +14,17 @@ from encoder_kernels import assert_kernels_train_as_xla, tiny_config
 
 from embeddings.models.attention import attend
 from embeddings.models.dropout import seed_words
-from embeddings.models.kernels import FusedAttention, attention_fn, pallas_attention
+from embeddings.models.kernels import (
+    FusedAttention,
+    attention_fn,
+    pallas_attention,
+    tpu_attention,
+)
 from embeddings.sharding import batch_sharding, make_mesh
 
 XLA = attention_fn("xla", "cpu")
 PALLAS = attention_fn("pallas", "cpu")  # interpreted
+TPU_KERNELS = FusedAttention(interpret=True, tpu=True)  # the Mosaic kernels, interpreted
 
 
 def _inputs(batch, length, heads, head_dim, seed=0, lengths=None):
@@ -234,6 +240,44 @@ def test_encoder_with_kernels_equals_xla_in_training():
     """A whole MPNet encoder (relative-position bias, packed dense layers) in training
     mode: the same hidden states and parameter gradients with either kernel."""
     assert_kernels_train_as_xla(tiny_config("mpnet", 32), 32, pallas=PALLAS)
+
+
+@pytest.mark.parametrize(
+    "batch,length,heads,head_dim,rate,with_bias",
+    [
+        (4, 32, 4, 32, 0.1, False),  # MiniLM's head size: 4 heads per 128-lane block
+        (3, 24, 2, 64, 0.3, True),  # MPNet's: bias and dropout, 2 heads per block
+        (2, 16, 8, 32, 0.0, True),  # two blocks, no dropout
+    ],
+)
+def test_tpu_kernels_equal_xla_attention(batch, length, heads, head_dim, rate, with_bias):
+    """The TPU (Mosaic) kernels, interpreted: XLA's outputs and gradients (of q,
+    k, v and the bias) with the same dropout mask."""
+    q, k, v, mask, bias, weights = _inputs(batch, length, heads, head_dim)
+    mask = mask.at[0].set(0)  # and a row without real tokens (uniform, as XLA)
+    bias = bias if with_bias else None
+    assert TPU_KERNELS.takes(q.shape)
+    want = _value_and_grads(XLA, rate, mask, weights, q, k, v, bias)
+    got = _value_and_grads(TPU_KERNELS, rate, mask, weights, q, k, v, bias)
+    _assert_close(got, want)
+
+
+def test_tpu_kernels_sharded_equal_one_device():
+    """Under a 4 x 2 mesh each device runs the TPU kernels on its rows and draws
+    its rows' part of the global dropout mask; shapes they do not take fall back."""
+    q, k, v, mask, bias, weights = _inputs(8, 16, 2, 64, seed=3)
+    want = _value_and_grads(XLA, 0.2, mask, weights, q, k, v, bias)
+    mesh = make_mesh(data=4, fsdp=2)
+    on_mesh = FusedAttention(mesh=mesh, interpret=True, tpu=True)
+    rows = batch_sharding(mesh)
+    placed = [jax.device_put(x, rows) for x in (q, k, v, mask, weights)]
+
+    def sharded(q, k, v, mask, weights, bias):
+        return _value_and_grads(on_mesh, 0.2, mask, weights, q, k, v, bias)
+
+    _assert_close(jax.jit(sharded)(*placed, bias), want, value_atol=1e-4)
+    assert not tpu_attention.supports(8, 16, 3, 48)  # a head straddles a 128-lane block
+    assert not tpu_attention.supports(8, 12, 2, 64)  # a length not a multiple of 8
 
 
 @pytest.mark.parametrize("kind", ["auto", "xla", "pallas"])

@@ -6,11 +6,14 @@ and the backend and mesh are known; the layers call what they are given and
 never ask which backend they run on.
 
 - "xla": `attention.attend`.
-- "pallas": the fused Pallas kernels (`pallas_attention.py`) wherever they
-  take the shapes, `attend` elsewhere; interpreted (slowly) off a GPU, which is
+- "pallas": the fused Pallas kernels wherever they take the shapes, `attend`
+  elsewhere: on a TPU the Mosaic kernels (`tpu_attention.py`), elsewhere the
+  Triton ones (`pallas_attention.py`), interpreted (slowly) off a GPU, which is
   how the tests check them on a CPU.
-- "auto": on a GPU, the kernels for the shapes where they were measured faster
-  than XLA (`pallas_attention.measured_faster`); elsewhere `attend`.
+- "auto": on a GPU, the Triton kernels for the shapes where they were measured
+  faster than XLA (`pallas_attention.measured_faster`); on a TPU, the Mosaic
+  kernels wherever they take the shapes (the compiled TPU step moves fewer
+  bytes with them: bench/README.md, "Compiled for a TPU"); elsewhere `attend`.
 
 All three give the same results to float32 rounding and draw the same dropout
 mask.
@@ -26,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 from embeddings.models.attention import Attention, attend
 from embeddings.models.dropout import seed_words
-from embeddings.models.kernels import pallas_attention
+from embeddings.models.kernels import pallas_attention, tpu_attention
 from embeddings.models.kernels.pallas_attention import Tiling
 
 ATTENTION_KERNELS = ("auto", "xla", "pallas")
@@ -41,19 +44,28 @@ class FusedAttention:
             call cannot be split by XLA, so under a mesh each device runs the
             kernels on its own rows (`jax.shard_map`).
         interpret: Run the kernels as plain JAX (any backend but a GPU).
-        measured_only: Only where `pallas_attention.measured_faster` ("auto").
+        measured_only: Only where `pallas_attention.measured_faster` ("auto" on
+            a GPU).
         tiling: How the kernels split their work (speed only).
+        tpu: The TPU (Mosaic) kernels of `tpu_attention.py` instead of the
+            Triton ones.
     """
 
     mesh: Mesh | None = None
     interpret: bool = False
     measured_only: bool = False
     tiling: Tiling = dataclasses.field(default_factory=Tiling)
+    tpu: bool = False
+
+    @property
+    def kernels(self):
+        """The kernels' module: `tpu_attention` or `pallas_attention`."""
+        return tpu_attention if self.tpu else pallas_attention
 
     def takes(self, shape: tuple[int, int, int, int]) -> bool:
         """Whether q of `shape` [B, L, heads, head_dim] runs the kernels."""
         _, length, _, head_dim = shape
-        if not pallas_attention.supports(*shape):
+        if not self.kernels.supports(*shape):
             return False
         return not self.measured_only or pallas_attention.measured_faster(length, head_dim)
 
@@ -65,7 +77,7 @@ class FusedAttention:
         seed = seed_words(dropout_rng) if rate else None
 
         def local(q, k, v, mask, seed, bias=None, offset=0):
-            return pallas_attention.attention(
+            return self.kernels.attention(
                 q,
                 k,
                 v,
@@ -104,7 +116,8 @@ def attention_fn(
     Args:
         kind: "auto", "xla" or "pallas" (see the module docstring).
         backend: The platform the model runs on (`jax.default_backend()` where it
-            is built): "gpu" compiles the kernels, anything else interprets them.
+            is built): "gpu" and "tpu" compile their kernels, anything else
+            interprets the GPU ones.
         mesh: The mesh the batch is split over; None for one device.
         tiling: The kernels' `Tiling` (speed only; None: its defaults, the
             fastest measured). A sweep passes its candidates here.
@@ -114,9 +127,11 @@ def attention_fn(
     """
     if kind not in ATTENTION_KERNELS:
         raise ValueError(f"attention kernel {kind!r}: use one of {ATTENTION_KERNELS}.")
-    on_gpu = backend == "gpu"
-    if kind == "xla" or (kind == "auto" and not on_gpu):
+    on_gpu, on_tpu = backend == "gpu", backend == "tpu"
+    if kind == "xla" or (kind == "auto" and not (on_gpu or on_tpu)):
         return attend
+    if on_tpu:
+        return FusedAttention(mesh=mesh, tpu=True)
     return FusedAttention(
         mesh=mesh,
         interpret=not on_gpu,
