@@ -2,7 +2,8 @@
 
     pip install "jax[tpu]==$(python -c 'import jax; print(jax.__version__)')"  # brings libtpu
     python bench/compile.py --config configs/minilm_l6.py --target tpu-v3-8 \\
-        [--config.KEY=VALUE ...] [--random_init] [--lengths full|debian] [--top 12] [--json]
+        [--config.KEY=VALUE ...] [--random_init] [--lengths full|debian] [--top 12] [--json] \\
+        [--hlo FILE]
 
 Builds the step exactly as train.py does (`model_setup.build_model`,
 `step_setup.build_training` over the project's mesh and state shardings, the
@@ -350,6 +351,8 @@ def main(argv) -> None:
         **analyse(compiled, facts, config, target, _TOP.value),
     }
     report(r)
+    if _HLO.value:
+        pathlib.Path(_HLO.value).write_text(compiled.as_text())
     if _JSON.value:
         print(json.dumps(r))
 
@@ -369,5 +372,6 @@ if __name__ == "__main__":  # flags here: importing this module (tests) defines 
     )
     _TOP = flags.DEFINE_integer("top", 12, "Largest ops and source lines to print.")
     _JSON = flags.DEFINE_bool("json", False, "Last line: one JSON object.")
+    _HLO = flags.DEFINE_string("hlo", "", "Also write the optimised HLO (compiled.as_text()) here.")
     flags.mark_flags_as_required(["config"])
     app.run(main)

@@ -313,3 +313,15 @@ def test_auto_uses_the_kernels_only_where_measured_faster():
     assert not pallas_attention.measured_faster(128, 32)
     with pytest.raises(ValueError, match="attention kernel 'cudnn'"):
         attention_fn("cudnn", "gpu")
+
+
+def test_auto_on_a_tpu_is_the_mosaic_kernels_and_xla_elsewhere_stays():
+    """On a TPU "auto" (and "pallas") compile the Mosaic kernels wherever they take
+    the shapes (the compiled TPU step moves fewer bytes with them); "xla" stays XLA."""
+    mesh = make_mesh(data=8)
+    for kind in ("auto", "pallas"):
+        on_tpu = attention_fn(kind, "tpu", mesh)
+        assert on_tpu == FusedAttention(mesh=mesh, tpu=True)
+        assert on_tpu.takes((8, 128, 12, 32)) and on_tpu.takes((8, 128, 12, 64))
+        assert not on_tpu.takes((8, 128, 2, 16))  # 32 lanes: not a whole 128-lane block
+    assert attention_fn("xla", "tpu") is attend

@@ -206,7 +206,7 @@ def _forward(q, k, v, mask, bias, seed, rate, head_dim, interpret):
         in_specs=in_specs,
         out_specs=block,
         out_shape=out_shape,
-        cost_estimate=_cost(q, q.shape[2] // head_dim, 2, operands + [out_shape]),
+        cost_estimate=_cost(q, q.shape[2] // head_dim, 2, [*operands, out_shape]),
         name="tpu_attention_forward",
         **_params(interpret),
     )(*operands)
