@@ -177,11 +177,13 @@ def _params(interpret):
 
 
 def _cost(x, heads, matmuls, operands):
-    """What the kernel does per call: its matmuls at the matrix unit's 128-lane
-    width (what it really computes), one exp per probability, its HBM operands."""
-    batch, length, _ = x.shape
+    """The kernel's work per call for XLA's cost model: its matmuls' FLOPs as XLA
+    counts its own dots (2 x L x L x head_dim per head and matmul; the matrix
+    unit computes them 128 lanes wide, for XLA's attention as for this one),
+    one exp per probability, and its HBM operands and results."""
+    batch, length, hidden = x.shape
     return pl.CostEstimate(
-        flops=matmuls * 2 * batch * heads * length * length * LANES,
+        flops=matmuls * 2 * batch * length * length * hidden,
         transcendentals=batch * heads * length * length,
         bytes_accessed=sum(a.size * a.dtype.itemsize for a in operands),
     )
