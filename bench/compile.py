@@ -170,11 +170,11 @@ def host_masks(config, tokenizer, columns: int, lengths: str) -> list[np.ndarray
     return masks
 
 
-def abstract_batch(config, masks, mesh) -> dict:
-    """The batch train.py feeds, as shapes with the mesh's batch sharding."""
+def abstract_batch(config, masks, mesh, pack_levels: int) -> dict:
+    """The batch train.py feeds, as shapes with the mesh's batch sharding
+    (`pack_levels`: the trainer's, `ModelSetup.pack_levels`)."""
     rows = config.batch_size
     batch = {"input_ids": tuple(masks), "attention_mask": tuple(masks)}
-    pack_levels = 0 if config.grad_cache_chunk else config.model.pack_levels  # as the trainer
     if pack_levels:
         batch["token_index"] = batch_token_index(masks, mesh.size, pack_levels)
     if config.loss.mask_false_negatives:
@@ -226,13 +226,15 @@ def compile_for(config, target: Target, lengths: str = "full") -> tuple[object, 
     training = build_training(config, setup.model, params, mesh)
     columns = 3 if config.loss.kind == "margin_mse" else 2
     masks = host_masks(config, setup.tokenizer, columns, lengths)
-    batch = abstract_batch(config, masks, mesh)
+    batch = abstract_batch(config, masks, mesh, setup.pack_levels)
     compiled = training.train_step.lower(training.abstract_state, batch).compile()
     facts = {
         "devices": len(devices),
         "hosts": len({d.process_index for d in devices}),
         "device_kind": devices[0].device_kind,
         "mesh": dict(mesh.shape),
+        "pack_levels": setup.pack_levels,
+        "attention": type(setup.model.encoder.attention).__name__,
         "lengths": [m.shape[1] for m in masks],
         "padding_share": 1 - sum(int(m.sum()) for m in masks) / sum(m.size for m in masks),
         "model_flops_per_step": flops.train_step_flops(

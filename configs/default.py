@@ -88,7 +88,9 @@ def get_config() -> ml_collections.ConfigDict:
             # less work there). N > 0 rounds each column's packed size up to one of
             # N steps of its padded size, so at most N shapes compile per padded
             # shape; 0 = compute on padding too. Ignored with grad_cache_chunk.
-            pack_levels=8,
+            # Unset (auto): 0 on a TPU, where the compiled step was cheaper without
+            # packing (bench/README.md, "Compiled for a TPU"), 8 on CPUs and GPUs.
+            pack_levels=config_dict.placeholder(int),
             dropout=True,  # dropout during training (rates from the encoder config)
             # Tokenizer folder or Hub id; "" = the init's tokenizer.
             tokenizer="",

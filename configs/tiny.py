@@ -27,6 +27,7 @@ def get_config():
     config.model.num_heads = 4
     config.model.intermediate_size = 64
     config.model.max_position_embeddings = 128
+    config.model.pack_levels = 8  # packed on every backend, a TPU's too (tests rely on it)
     config.optimizer.learning_rate = 1e-3
     config.optimizer.warmup_steps = 5
     config.eval.max_queries = 200

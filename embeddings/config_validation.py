@@ -88,7 +88,8 @@ def validate(
 
     m = config.model
     _choice("model.dtype", m.dtype, ("float32", "bfloat16"))
-    _positive("model.pack_levels", m.pack_levels, allow_zero=True)
+    if m.pack_levels is not None:  # None: auto, per backend (model_setup.pack_levels)
+        _positive("model.pack_levels", m.pack_levels, allow_zero=True)
     _choice("model.attention_kernel", m.attention_kernel, ATTENTION_KERNELS)
     if m.pooling is not None:
         _choice("model.pooling", m.pooling, POOLING_MODES)

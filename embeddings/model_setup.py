@@ -42,6 +42,8 @@ class ModelSetup:
       tokenizer: the fast tokenizer.
       spec: pooling, normalisation, max length and similarity of the model.
       sources: per tower, where its initial weights came from ("" = random).
+      pack_levels: `config.model.pack_levels` resolved for the backend it trains
+        on (`pack_levels`); 0 when read from a workdir.
     """
 
     model: DualEncoder
@@ -50,6 +52,25 @@ class ModelSetup:
     tokenizer: object
     spec: SentenceSpec
     sources: dict[str, str]
+    pack_levels: int = 0
+
+
+# `config.model.pack_levels` when unset ("auto"), per backend. On a TPU the compiled
+# step moved more bytes with packing than without (its gathers around attention),
+# and its floor was higher (bench/README.md, "Compiled for a TPU").
+AUTO_PACK_LEVELS = {"tpu": 0}
+DEFAULT_PACK_LEVELS = 8  # CPUs and GPUs, where packing was measured faster
+
+
+def pack_levels(config: ml_collections.ConfigDict, backend: str) -> int:
+    """The packing levels the trainer uses on `backend`: `config.model.pack_levels`,
+    or when unset the backend's (`AUTO_PACK_LEVELS`); 0 with GradCache, whose
+    chunks split rows across devices, so its batches stay padded."""
+    if config.grad_cache_chunk:
+        return 0
+    if config.model.pack_levels is not None:
+        return config.model.pack_levels
+    return AUTO_PACK_LEVELS.get(backend, DEFAULT_PACK_LEVELS)
 
 
 def _random_encoder_config(m: ml_collections.ConfigDict, tokenizer) -> EncoderConfig:
@@ -78,9 +99,11 @@ def build_model(
     """Resolves `config.model` into a dual encoder with its initial parameters.
 
     `mesh` (the mesh it trains on; None: one device) and `backend` (default
-    `jax.default_backend()`; a GPU compile on another machine says "gpu") decide
-    the attention function (`kernels.attention_fn`), once, here."""
+    `jax.default_backend()`; a GPU or TPU compile on another machine says "gpu"
+    or "tpu") decide the attention function (`kernels.attention_fn`) and the
+    packing levels (`pack_levels`), once, here."""
     m = config.model
+    backend = backend or jax.default_backend()
     seed = config.seed if seed is None else seed
     dtype = DTYPES[m.dtype]
     if m.init:
@@ -115,7 +138,7 @@ def build_model(
         spec,
         dtype=dtype,
         remat=m.remat,
-        attention=attention_fn(kernel, backend or jax.default_backend(), mesh),
+        attention=attention_fn(kernel, backend, mesh),
     )
     model = DualEncoder(encoder, m.tied)
 
@@ -138,7 +161,13 @@ def build_model(
             )
         params[tower], extras[tower], sources[tower] = loaded.params, loaded.extras, source
     return ModelSetup(
-        model=model, params=params, extras=extras, tokenizer=tokenizer, spec=spec, sources=sources
+        model=model,
+        params=params,
+        extras=extras,
+        tokenizer=tokenizer,
+        spec=spec,
+        sources=sources,
+        pack_levels=pack_levels(config, backend),
     )
 
 

@@ -241,8 +241,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         run_eval(0)
 
     # ---- Loop ----
-    # GradCache chunks rows across devices, so its batches stay padded.
-    pack_levels = 0 if config.grad_cache_chunk else config.model.pack_levels
+    pack_levels = setup.pack_levels  # resolved for the backend (0 with GradCache)
     step = start_step
     batches = iter(pipeline)  # this process's rows of each global batch (numpy)
     throughput = Throughput(config.batch_size, flops.peak_flops())

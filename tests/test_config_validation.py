@@ -124,3 +124,27 @@ def test_choices_come_from_their_owners():
     with pytest.raises(ConfigError, match=r"config\.model\.model_type='gpt2'") as error:
         validate(config)
     assert str(SUPPORTED_MODEL_TYPES) in str(error.value)
+
+
+def test_pack_levels_auto_is_off_on_a_tpu_and_eight_elsewhere():
+    """Unset `model.pack_levels` resolves per backend where the model is built (as
+    docs/tpu.md and configs/default.py say): 0 on a TPU, 8 on CPUs and GPUs; an
+    explicit value wins everywhere, and GradCache never packs."""
+    from configs import default
+    from embeddings.model_setup import build_model, pack_levels
+
+    config = default.get_config()
+    assert config.model.pack_levels is None
+    assert [pack_levels(config, b) for b in ("tpu", "cpu", "gpu")] == [0, 8, 8]
+    config.model.pack_levels = 4
+    assert [pack_levels(config, b) for b in ("tpu", "cpu", "gpu")] == [4, 4, 4]
+    config.grad_cache_chunk = 64
+    assert pack_levels(config, "cpu") == 0
+    small = tiny.get_config()
+    small.model.pack_levels = None
+    validate(small)
+    assert build_model(small, backend="tpu").pack_levels == 0
+    assert build_model(small, backend="cpu").pack_levels == 8
+    small.model.pack_levels = -1
+    with pytest.raises(ConfigError, match=r"model\.pack_levels"):
+        validate(small)

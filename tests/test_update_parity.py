@@ -292,7 +292,7 @@ def test_gradients_at_init_match_sentence_transformers(st_folder, data_folder):
     with build_pipeline(config, setup.tokenizer) as pipeline:
         batch = next(iter(pipeline))
     mesh = make_mesh(devices=jax.devices()[:1])
-    shapes = host_batch.agree_shapes(batch, 1, config.model.pack_levels)
+    shapes = host_batch.agree_shapes(batch, 1, setup.pack_levels)
     batch = jax.tree.map(np.asarray, host_batch.device_batch(batch, shapes, mesh))
     (loss, _), grads = loss_and_grads(
         setup.params, batch, None, model=setup.model, loss_config=config.loss
