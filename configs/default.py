@@ -79,9 +79,11 @@ def get_config() -> ml_collections.ConfigDict:
             dtype="float32",  # compute dtype: "float32" or "bfloat16" (parameters stay float32)
             remat=False,  # recompute each layer's activations in the backward pass
             # Attention: "auto" = fused Pallas kernels (models/kernels/) on GPUs
-            # where they beat XLA (head size 64, lengths <= 128), else XLA;
-            # "xla"; "pallas" wherever they fit (interpreted, slowly, off a GPU).
-            # Same results and dropout masks either way.
+            # where they beat XLA (head size 64, lengths <= 128), on TPUs wherever
+            # they fit (whole heads per 128 lanes, lengths <= 512: the compiled step
+            # moves fewer bytes), else XLA; "xla"; "pallas" wherever they fit
+            # (interpreted, slowly, off a GPU or TPU). Same results and dropout
+            # masks either way.
             attention_kernel="auto",
             # Run embeddings, projections, feed-forward and LayerNorms on real tokens
             # only (attention stays padded; same result, ~1/(1 - padding share)
