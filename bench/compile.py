@@ -296,6 +296,9 @@ def report(r: dict) -> None:
         f"{r['lengths']} ({r['lengths_mode']}, padding {r['padding_share']:.1%}), "
         f"jax {r['jax_version']}\n"
     )
+    floor = f"{r['floor_seconds'] * 1e3:.1f} ms"
+    if r["floor_seconds"] <= 0:  # seen on v4 and v5e: some op without a cost
+        floor = f"none: the cost model returned {r['floor_seconds']:.3g} s (not a time)"
     rows = [
         [
             "HBM per core (args + temp + outputs not donated; exact)",
@@ -311,7 +314,7 @@ def report(r: dict) -> None:
         ["GB accessed per core per step (compiler)", f"{r['bytes_accessed'] / 1e9:.2f}"],
         [
             "cost-model floor per step (an estimate, not a measured time)",
-            f"{r['floor_seconds'] * 1e3:.1f} ms",
+            floor,
         ],
         ["pairs/s at the floor", f"{r['pairs_per_second_at_floor']:,.0f}"],
         [f"hours for total_steps={r['total_steps']:,} at the floor", f"{r['hours_at_floor']:.1f}"],
