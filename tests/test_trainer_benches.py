@@ -128,7 +128,7 @@ def test_step_shapes_counts_the_shapes_and_tokens_of_the_batches():
     config.model.pack_levels = 4
     steps = 6
     r = step_shapes.count_shapes(config, steps)
-    shapes, real = {}, [0, 0]
+    shapes, real, dense = {}, [0, 0], [0, 0]
     with build_pipeline(config, load_tokenizer(config.model.tokenizer)) as pipeline:
         for step in range(steps):
             key = []
@@ -137,6 +137,7 @@ def test_step_shapes_counts_the_shapes_and_tokens_of_the_batches():
                 unit = mask.size // 4  # one of 4 levels of the padded size
                 packed = -(-int(mask.sum()) // unit) * unit
                 key.append((mask.shape[1], None if packed == mask.size else packed))
+                dense[c] += packed
             shapes.setdefault(tuple(key), step)
     assert [(tuple(map(tuple, s["columns"])), s["first_step"]) for s in r["shapes"]] == list(
         shapes.items()
@@ -145,5 +146,6 @@ def test_step_shapes_counts_the_shapes_and_tokens_of_the_batches():
     for c in (0, 1):
         column = r["per_step"][f"column_{c}"]
         assert column["real"] == pytest.approx(real[c] / steps)
+        assert column["dense_rows"] == pytest.approx(dense[c] / steps)
         assert column["real"] <= column["dense_rows"] <= column["bucket_padded"]
         assert column["real"] <= column["longest_padded"] <= column["bucket_padded"]
