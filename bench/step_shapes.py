@@ -22,6 +22,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+import jax
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
@@ -29,6 +30,7 @@ from ml_collections import config_flags
 from bench import _timing
 from embeddings import host_batch
 from embeddings.data import build_pipeline
+from embeddings.model_setup import pack_levels
 from embeddings.models.pretrained import load_tokenizer, resolve_model_dir
 
 
@@ -37,7 +39,7 @@ def count_shapes(config, steps: int, devices: int = 1) -> dict:
     split over `devices` row groups as train.py splits them."""
     m = config.model
     tokenizer = load_tokenizer(m.tokenizer or resolve_model_dir(m.init))
-    levels = 0 if config.grad_cache_chunk else m.pack_levels
+    levels = pack_levels(config, jax.default_backend())  # as train.py resolves it
     first: dict = {}
     count: collections.Counter = collections.Counter()
     columns: dict = collections.defaultdict(lambda: collections.Counter())
