@@ -114,16 +114,17 @@ def load_encode_fn(path: str, batch_size: int) -> tuple[EncodeFn, str]:
         return encode_checkpoint, files.spec.similarity or "cosine"
 
     from embeddings.models import SentenceEncoder, load_pretrained
+    from embeddings.models.dual_encoder import DualEncoder
 
     pretrained = load_pretrained(path)
-    encoder = SentenceEncoder(pretrained.config, pretrained.spec)
+    # One tower for both roles; the role still picks the folder's prompt.
+    model = DualEncoder(SentenceEncoder(pretrained.config, pretrained.spec), tied=True)
     tokenizer = pretrained.tokenizer()
     mesh = make_mesh()
-    params = jax.device_put(pretrained.params, replicated(mesh))
+    params = {"encoder": jax.device_put(pretrained.params, replicated(mesh))}
 
     def encode(texts, role):
-        del role  # one tower: queries and documents share the encoder
-        return encoder.encode(params, tokenizer, list(texts), batch_size=batch_size, mesh=mesh)
+        return model.encode(params, tokenizer, texts, role, batch_size=batch_size, mesh=mesh)
 
     return encode, pretrained.spec.similarity or "cosine"
 
