@@ -80,13 +80,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 _WORKDIR_MARKERS = ("checkpoints", "state", "metrics.jsonl")
 
 
-def load_encode_fn(path: str, batch_size: int) -> tuple[EncodeFn, str]:
+def load_encode_fn(
+    path: str, batch_size: int, prompts: dict[str, str] | None = None
+) -> tuple[EncodeFn, str]:
     """An encode function for the model at `path`, and the model's similarity.
+
+    Texts of each role get the model's prompt for that role (see embeddings/prompts.py).
 
     Args:
       path: a sentence-transformers or Hugging Face folder, a Hub id, a training workdir
         (its latest checkpoint) or a checkpoint step folder (WORKDIR/checkpoints/<step>).
       batch_size: texts per forward pass.
+      prompts: role -> prompt replacing the model's own for that role ("" = none).
 
     Returns:
       (encode(texts, role) -> embeddings, "cosine" or "dot"). Untied (query/document) models
@@ -106,7 +111,7 @@ def load_encode_fn(path: str, batch_size: int) -> tuple[EncodeFn, str]:
         files = load_model_files(checkpoint.parent.parent)
         mesh = make_mesh()
         params = jax.device_put(restore_params(checkpoint), replicated(mesh))
-        model, tokenizer = files.model, files.tokenizer
+        model, tokenizer = files.model.with_prompts(prompts or {}), files.tokenizer
 
         def encode_checkpoint(texts, role):
             return model.encode(params, tokenizer, texts, role, batch_size=batch_size, mesh=mesh)
@@ -119,6 +124,7 @@ def load_encode_fn(path: str, batch_size: int) -> tuple[EncodeFn, str]:
     pretrained = load_pretrained(path)
     # One tower for both roles; the role still picks the folder's prompt.
     model = DualEncoder(SentenceEncoder(pretrained.config, pretrained.spec), tied=True)
+    model = model.with_prompts(prompts or {})
     tokenizer = pretrained.tokenizer()
     mesh = make_mesh()
     params = {"encoder": jax.device_put(pretrained.params, replicated(mesh))}

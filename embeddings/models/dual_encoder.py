@@ -7,7 +7,10 @@ parameters. Parameters are a plain dict: `{"encoder": p}` or
 `{"query": p, "document": p}`.
 """
 
+from __future__ import annotations
+
 import dataclasses
+from collections.abc import Mapping
 
 import jax
 import numpy as np
@@ -65,6 +68,18 @@ class DualEncoder:
             kwargs["prompt_length"] = prompt_length(tokenizer, prompt, limit)
         texts = [prompt + text for text in texts]
         return self.encoder.encode(params[self.tower(role)], tokenizer, texts, **kwargs)
+
+    def with_prompts(self, prompts: Mapping[str, str]) -> DualEncoder:
+        """This model with `prompts` (role -> prompt, "" = none) replacing its own for those
+        roles, e.g. mining's --query_prompt; itself when `prompts` is empty."""
+        if not prompts:
+            return self
+        e = self.encoder
+        spec = dataclasses.replace(e.spec, prompts={**e.spec.prompts, **prompts})
+        encoder = SentenceEncoder(
+            e.config, spec, dtype=e.dtype, remat=e.remat, attention=e.attention
+        )
+        return dataclasses.replace(self, encoder=encoder)
 
     def embed(
         self,
