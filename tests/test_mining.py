@@ -139,11 +139,14 @@ def test_selection_equals_sentence_transformers(case, use_extra):
     assert got == expected
 
 
-@pytest.mark.parametrize("case", ["defaults", "window", "relative_random"])
+@pytest.mark.parametrize("case", ["defaults", "window", "relative_random", "short"])
 def test_list_rows_regroup_the_n_tuples_of_sentence_transformers(case):
-    """ "lists" rows hold, per query, what sentence-transformers' n-tuple rows of that query
-    hold: its positives (first-seen order) and the k negatives they all share."""
-    similarity, kwargs = CASES[case]
+    """Each "lists" row holds what sentence-transformers' n-tuple rows of its query hold:
+    the positives (first-seen order) and the k negatives they all share; a query without
+    k negatives gets no row, as it gets no n-tuple."""
+    # "short": a narrow window and a wide margin leave some queries fewer than k negatives.
+    short = ("cosine", dict(range_max=6, num_negatives=5, relative_margin=0.3))
+    similarity, kwargs = short if case == "short" else CASES[case]
     options = mining.MiningOptions(**kwargs)
     pairs, extra, vectors = toy_data(seed=len(case))
     expected = {}
@@ -156,6 +159,8 @@ def test_list_rows_regroup_the_n_tuples_of_sentence_transformers(case):
     got = ours(pairs, extra, vectors, similarity, lists, 7, query_block=9, chunk_size=5)
     assert got == list(expected.values())
     assert any(len(row["pos"]) > 1 for row in got)  # the regrouping is exercised
+    if case == "short":  # and the dropping of queries short of k negatives
+        assert len(got) < len({query for query, _ in pairs})
 
 
 def test_short_corpus_is_padded_like_sentence_transformers():
