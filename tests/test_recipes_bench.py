@@ -60,6 +60,22 @@ def test_recipes_bench(tmp_path):
         assert x["wall_seconds"] > 0 and x["eval_max_seq_length"] == 32
         assert r["summary"][x["setting"]]["debian_mrr@10"]["mean"] == x["debian_mrr@10"]
 
+    # Each setting trained as it says: (b) and (c) on the mined mix, (c) with GIST and the
+    # starting model as its guide.
+    configs = {
+        x["setting"]: json.loads((output / f"{x['setting']}-0/workdir/config.json").read_text())
+        for x in r["runs"]
+    }
+    assert configs["in-batch"]["data_config"].endswith("in-batch/data_config.json")
+    for setting in ("mined", "mined+gist"):
+        assert configs[setting]["data_config"].endswith("mined/data_config.json")
+    assert [configs[s]["loss"]["kind"] for s in ("in-batch", "mined", "mined+gist")] == [
+        "mnrl",
+        "mnrl",
+        "gist",
+    ]
+    assert configs["mined+gist"]["loss"]["guide"]["init"] == str(model)
+
     # (b) mixes the same sections, each with its own mined file and weight, and the STS part.
     original = json.loads((REPO / "data_config.json").read_text())
     mined_config = json.loads((output / "data/mined/data_config.json").read_text())
