@@ -13,7 +13,10 @@
 
 `--model` is a sentence-transformers or Hugging Face model folder (or Hub id), a training
 workdir (its latest checkpoint) or a checkpoint step folder, loaded with the project's JAX
-encoders; each batch is split over all local devices. Prints a table of metrics; with --json
+encoders; each batch is split over all local devices. Texts get the model's prompt for their
+role (queries and STS sentences "query", documents "document": a folder's
+config_sentence_transformers.json prompts, a workdir's config.data.prompts), as
+sentence-transformers' encode_query/encode_document do. Prints a table of metrics; with --json
 the last line is one JSON object.
 """
 
