@@ -26,6 +26,7 @@ import gzip
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import threading
@@ -48,6 +49,8 @@ class Recipe:
         limits and buckets from the config and `overrides`.
       overrides: extra `--config.KEY=VALUE` flags for ours only (ablations).
       log_every: steps between our metric records (each record waits for its step).
+      data_config: the data config of both sides (relative to the repository);
+        "" = the config file's.
     """
 
     config: str = "configs/quickstart.py"
@@ -57,6 +60,7 @@ class Recipe:
     max_seq_length: int = 64
     overrides: tuple[str, ...] = ()
     log_every: int = 1
+    data_config: str = ""
 
 
 def our_config(path: str):
@@ -87,6 +91,7 @@ def _our_command(recipe: Recipe, workdir: pathlib.Path) -> list[str]:
         "--config.eval.sts_file=",
         "--config.eval.retrieval_file=",
         "--config.best_metric=",
+        *([f"--config.data_config={recipe.data_config}"] if recipe.data_config else []),
         *recipe.overrides,
     ]
 
@@ -126,8 +131,9 @@ def run(side: str, recipe: Recipe, out: pathlib.Path, *, export: bool = True) ->
       A dict: wall_seconds (the whole process, compilation included),
       first_step_seconds (start to the first finished step), step_times (seconds
       from the start at which each recorded step finished), tokens (real tokens
-      per recorded step), losses (per recorded step), peak_rss_mib, and
-      export_seconds (ours).
+      per recorded step), losses (per recorded step), peak_rss_mib, the data's
+      layout (ours: `layouts`, as the pipeline logged them; theirs: the dataset's
+      `columns`), and export_seconds (ours).
     """
     out.mkdir(parents=True, exist_ok=True)
     log = out / "log.txt"
@@ -149,6 +155,7 @@ def run(side: str, recipe: Recipe, out: pathlib.Path, *, export: bool = True) ->
         watcher.join()
         if code:
             raise RuntimeError(f"train.py failed (exit {code}); see {out / 'log.txt'}")
+        layouts = re.findall(r"Input pipeline: layout (\S+),", log.read_text())
         records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines() if x]
         records = [r for r in records if "loss" in r]
         times = {s: t for s, (t, _) in seen.items()}
@@ -158,6 +165,7 @@ def run(side: str, recipe: Recipe, out: pathlib.Path, *, export: bool = True) ->
             steps=[r["step"] for r in records],
             losses=[r["loss"] for r in records],
             step_times=[times.get(r["step"]) for r in records],
+            layouts=layouts,  # the batch layouts the pipeline logged, e.g. "contrastive/3"
             # The trainer's own count of real (non-padding) tokens of each logged window.
             tokens=[
                 r["tokens_per_second"] / r["steps_per_second"] * recipe.log_every
@@ -256,6 +264,8 @@ def _st_worker(settings_path: str) -> None:
     out = pathlib.Path(settings.pop("output"))
     recipe = Recipe(**{k: tuple(v) if k == "overrides" else v for k, v in settings.items()})
     config = our_config(recipe.config)  # without `overrides`: ours alone
+    if recipe.data_config:
+        config.data_config = recipe.data_config
     start = time.perf_counter()
     init = config.model.init
     model = SentenceTransformer(init, device="cpu")
@@ -263,7 +273,10 @@ def _st_worker(settings_path: str) -> None:
     # NO_DUPLICATES moves a row whose text is already in the batch to a later batch,
     # so draw more rows than the steps consume.
     rows = weighted_rows(config, int(recipe.steps * recipe.batch_size * 1.5) + 64, recipe.seed)
-    names = ["anchor", "positive"] + [f"negative_{k}" for k in range(len(rows[0]) - 2)]
+    negatives = len(rows[0]) - 2
+    names = ["anchor", "positive"] + (
+        ["negative"] if negatives == 1 else [f"negative_{k}" for k in range(negatives)]
+    )
     dataset = Dataset.from_dict({n: [r[c] for r in rows] for c, n in enumerate(names)})
     loss = MultipleNegativesRankingLoss(
         model,
@@ -319,6 +332,7 @@ def _st_worker(settings_path: str) -> None:
         step_times=times,
         losses=losses,
         tokens=token_counts,
+        columns=names,
         torch_threads=torch.get_num_threads(),
         adam_epsilon=args.adam_epsilon,
     )

@@ -136,6 +136,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=250)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 for each trainer")
+    parser.add_argument(
+        "--first_seed",
+        type=int,
+        default=0,
+        help="start at this seed (first_seed..first_seed+N-1): to split the seeds over runs",
+    )
     parser.add_argument("--trainers", default="ours,st", help="comma-separated: ours, st")
     parser.add_argument("--max_seq_length", type=int, default=64, help="the reference's limit")
     parser.add_argument(
@@ -169,7 +175,7 @@ def main() -> None:
         init = _trainers.our_config(args.config).model.init
         start, _ = _evaluate_in_process(init, args)
         # Alternated (ours, st, ours, st, ...), so load on the machine hits both alike.
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             for side in sides:
                 recipe = _trainers.Recipe(
                     config=args.config,
@@ -231,6 +237,7 @@ def main() -> None:
             dict(
                 steps=args.steps,
                 seeds=args.seeds,
+                first_seed=args.first_seed,
                 config=args.config,
                 ours_overrides=args.ours_override,
                 start=start,

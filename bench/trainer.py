@@ -20,6 +20,10 @@ Workloads:
     Debian + STS, ours 32/64 token limits and buckets; the reference 64).
   long: the same, but documents up to 256 tokens on both sides (ours with
     buckets 32, 64, 128, 256).
+  triplet: the quickstart's settings on (title, description, hard negative)
+    rows (configs/data/debian_hard_negatives.json, data/README.md): ours one-way
+    against [positives; hard negatives] (`loss.symmetric="pairs"`), the
+    reference MultipleNegativesRankingLoss on (anchor, positive, negative).
 Our side records each step (`--config.log_every=1`, which waits for each step
 to finish; the reference's per-step loss logging waits likewise).
 """
@@ -43,6 +47,9 @@ WORKLOADS = {
             "--config.data.max_length_document=256",
             "--config.data.buckets=(32,64,128,256)",
         ),
+    ),
+    "triplet": dict(
+        max_seq_length=64, overrides=(), data_config="configs/data/debian_hard_negatives.json"
     ),
 }
 FIELDS = (
@@ -84,10 +91,12 @@ def main() -> None:
                     max_seq_length=workload["max_seq_length"],
                     overrides=workload["overrides"] if side == "ours" else (),
                     log_every=1,
+                    data_config=workload.get("data_config", ""),
                 )
                 raw = _trainers.run(side, recipe, folder / f"{side}-{repeat}", export=False)
                 summary = _trainers.summarize(raw, args.batch_size, args.skip)
-                results[side].append(dict(summary, step_times=raw["step_times"]))
+                data = {k: raw[k] for k in ("layouts", "columns") if k in raw}
+                results[side].append(dict(summary, step_times=raw["step_times"], **data))
                 print(f"{side} run {repeat}: {summary}", file=sys.stderr, flush=True)
 
     medians = {

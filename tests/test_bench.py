@@ -6,15 +6,12 @@ ratios are recomputed here from the raw numbers the script also reports. The
 timings themselves are meaningless at these sizes and are not judged.
 """
 
-import json
-import math
 import os
 import pathlib
 import statistics
-import subprocess
-import sys
 
 import pytest
+import script_runs
 
 pytestmark = pytest.mark.slow  # ~9 worker processes, each importing JAX and compiling a step
 
@@ -34,47 +31,13 @@ SCRIPTS = {
 
 @pytest.fixture(scope="module")
 def launched():
-    """Starts every script at once: their compilations are single-threaded, so two
-    cores finish them in about half the time of one after the other."""
-    env = dict(os.environ)
-    # The scripts choose their device counts; optimization level 0 compiles the
-    # tiny steps faster (the timings are not judged here).
-    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
-    processes = {
-        script: subprocess.Popen(
-            [
-                sys.executable,
-                str(REPO / "bench" / f"{script}.py"),
-                *TINY,
-                *args.split(),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-            cwd=REPO,
-        )
-        for script, args in SCRIPTS.items()
-    }
-    yield processes
-    for process in processes.values():
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
+    yield from script_runs.launch(
+        {name: [f"bench/{name}.py", *TINY, *args.split()] for name, args in SCRIPTS.items()}
+    )
 
 
-def _result(launched, script: str) -> dict:
-    out, err = launched[script].communicate(timeout=600)
-    assert launched[script].returncode == 0, out[-2000:] + err[-3000:]
-    lines = out.strip().splitlines()
-    assert lines[0].strip(), "the table's title line comes first"
-    assert any(line.startswith("|---") for line in lines), "a Markdown table is printed"
-    return json.loads(lines[-1])
-
-
-def _positive(*values):
-    for value in values:
-        assert isinstance(value, int | float) and value > 0 and math.isfinite(value), value
+_result = script_runs.result
+_positive = script_runs.positive
 
 
 def test_step(launched):

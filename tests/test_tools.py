@@ -10,10 +10,11 @@ import os
 import pathlib
 import statistics
 import subprocess
-import sys
 
 import pytest
-from test_bench import _positive, _result
+import script_runs
+from script_runs import positive as _positive
+from script_runs import result as _result
 
 from embeddings.models.kernels import pallas_attention as attention_kernel
 
@@ -33,29 +34,12 @@ SCRIPT_OF = {"attention_sweep": "attention"}  # rows that run another row's scri
 
 @pytest.fixture(scope="module")
 def launched():
-    """Starts every script at once (their compilations are single-threaded)."""
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"  # timings are not judged
-    processes = {
-        script: subprocess.Popen(
-            [
-                sys.executable,
-                str(REPO / "tools" / f"{SCRIPT_OF.get(script, script)}.py"),
-                *args.split(),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-            cwd=REPO,
-        )
-        for script, args in SCRIPTS.items()
-    }
-    yield processes
-    for process in processes.values():
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
+    yield from script_runs.launch(
+        {
+            name: [f"tools/{SCRIPT_OF.get(name, name)}.py", *args.split()]
+            for name, args in SCRIPTS.items()
+        }
+    )
 
 
 def test_attention(launched):

@@ -289,3 +289,54 @@ def test_resume_drops_a_torn_last_metrics_line(tmp_path, finished_run):
     proc = _train(workdir, "--config.total_steps=6", "--config.log_every=1")
     assert "metrics.jsonl: dropped line" in proc.stderr, proc.stderr[-3000:]
     assert [r["step"] for r in _metrics(workdir)] == list(range(1, 7))
+
+
+def _expected_step_shapes(steps: int, pack_levels: int, devices: int) -> set:
+    """The distinct (padded length, packed size) per column of the tiny run's first
+    `steps` batches, computed here from the masks by the documented rule: a column's
+    packed size is its fullest device group's real tokens rounded up to a multiple of
+    group tokens / levels, and it runs unpacked (None) when that reaches the group."""
+    from transformers import AutoTokenizer
+
+    from configs import tiny
+    from embeddings.data import build_pipeline
+
+    config = tiny.get_config()
+    tokenizer = AutoTokenizer.from_pretrained(ROOT / config.model.tokenizer)
+    shapes = set()
+    with build_pipeline(config, tokenizer) as pipeline:
+        for _ in range(steps):
+            key = []
+            for mask in next(pipeline)["attention_mask"]:
+                group = mask.size // devices
+                most = int((mask.reshape(devices, -1) != 0).sum(axis=1).max())
+                step = -(-group // pack_levels)
+                size = min(-(-most // step) * step, group)
+                key.append((mask.shape[1], None if size == group else size))
+            shapes.add(tuple(key))
+    return shapes
+
+
+@pytest.mark.parametrize("pack_levels", [8, 2])
+def test_the_step_compiles_once_per_batch_shape(tmp_path, pack_levels):
+    """train.py compiles its step once for each distinct batch shape and no more (no
+    per-step recompilation), and fewer packing levels mean fewer shapes."""
+    env = dict(_env(), JAX_LOG_COMPILES="1")
+    steps = 8
+    proc = subprocess.run(
+        _command(
+            tmp_path / "run",
+            f"--config.total_steps={steps}",
+            f"--config.model.pack_levels={pack_levels}",
+        ),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    compiled = proc.stderr.count("Finished XLA compilation of jit(train_step)")
+    expected = _expected_step_shapes(steps, pack_levels, devices=2)
+    assert compiled == len(expected), (compiled, expected)
+    if pack_levels == 2:
+        assert len(expected) < len(_expected_step_shapes(steps, 8, devices=2))

@@ -40,10 +40,15 @@ def launched(tmp_path_factory):
     common = ["--config", str(config), "--batch_size", "8", "--json"]
     quality = "--steps 2 --seeds 1 --max_seq_length 32 --eval_max_seq_length 32"
     quality += " --eval_queries 20 --sts_pairs 40"
-    commands = {"quality": quality.split(), "trainer": ["--steps", "4", "--skip", "1"]}
+    trainer = ["--steps", "4", "--skip", "1"]
+    commands = {
+        "quality": quality.split(),
+        "trainer": trainer,
+        "trainer_triplet": [*trainer, "--workload", "triplet"],
+    }
     processes = {
         name: subprocess.Popen(
-            [sys.executable, str(REPO / "bench" / f"{name}.py"), *common, *args],
+            [sys.executable, str(REPO / "bench" / f"{name.split('_')[0]}.py"), *common, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -100,3 +105,47 @@ def test_trainer_bench(launched):
     assert r["memory_ratio"] == pytest.approx(ours["peak_rss_mib"] / theirs["peak_rss_mib"])
     for runs in r["runs"].values():
         assert len(runs[0]["step_times"]) == 4  # every step recorded on both sides
+
+
+def test_trainer_bench_triplet_workload_trains_both_sides_on_hard_negatives(launched):
+    r = _result(launched, "trainer_triplet")
+    assert r["workload"] == "triplet"
+    (ours,), (theirs,) = r["runs"]["ours"], r["runs"]["st"]
+    assert ours["layouts"] == ["contrastive/3"]  # (anchor, positive, negative) batches
+    assert theirs["columns"] == ["anchor", "positive", "negative"]
+    assert ours["final_loss"] > 0 and theirs["final_loss"] > 0
+
+
+def test_step_shapes_counts_the_shapes_and_tokens_of_the_batches():
+    """bench/step_shapes.py against the batches themselves, counted by hand."""
+    from bench import step_shapes
+    from configs import tiny
+    from embeddings.data import build_pipeline
+    from embeddings.models.pretrained import load_tokenizer
+
+    config = tiny.get_config()
+    config.model.tokenizer = str(REPO / config.model.tokenizer)
+    config.model.pack_levels = 4
+    steps = 6
+    r = step_shapes.count_shapes(config, steps)
+    shapes, real, dense = {}, [0, 0], [0, 0]
+    with build_pipeline(config, load_tokenizer(config.model.tokenizer)) as pipeline:
+        for step in range(steps):
+            key = []
+            for c, mask in enumerate(next(pipeline)["attention_mask"]):
+                real[c] += int(mask.sum())
+                unit = mask.size // 4  # one of 4 levels of the padded size
+                packed = -(-int(mask.sum()) // unit) * unit
+                key.append((mask.shape[1], None if packed == mask.size else packed))
+                dense[c] += packed
+            shapes.setdefault(tuple(key), step)
+    assert [(tuple(map(tuple, s["columns"])), s["first_step"]) for s in r["shapes"]] == list(
+        shapes.items()
+    )
+    assert sum(s["batches"] for s in r["shapes"]) == steps
+    for c in (0, 1):
+        column = r["per_step"][f"column_{c}"]
+        assert column["real"] == pytest.approx(real[c] / steps)
+        assert column["dense_rows"] == pytest.approx(dense[c] / steps)
+        assert column["real"] <= column["dense_rows"] <= column["bucket_padded"]
+        assert column["real"] <= column["longest_padded"] <= column["bucket_padded"]
