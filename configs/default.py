@@ -59,6 +59,16 @@ def get_config() -> ml_collections.ConfigDict:
             # drawn from the lists at every use, from (seed, epoch, line), so a resumed
             # run draws the same (Tevatron's train_group_size = k + 1).
             negatives_per_row=0,
+            # Prompts (instructions) prepended to the texts before tokenizing, so the max
+            # lengths count their tokens: "query" to column 0 (anchor/query), "document" to
+            # the other columns, in training, evaluation and the exported model
+            # (sentence-transformers' prompts: encode_query/encode_document use them). A
+            # data_config entry's "prompts" replace these for its dataset, key by key. E.g.
+            # --config.data.prompts.query="query: " --config.data.prompts.document="passage: "
+            prompts=ml_collections.ConfigDict(dict(query="", document="")),
+            # Prompt that sentence-transformers' plain encode() of the exported model uses:
+            # "" (none) | "query" | "document" (a key of prompts with a non-empty prompt).
+            default_prompt_name="",
         )
     )
 
@@ -76,6 +86,10 @@ def get_config() -> ml_collections.ConfigDict:
             pooling=config_dict.placeholder(str),
             # L2-normalise embeddings; unset = as the init says, else False.
             normalize=config_dict.placeholder(bool),
+            # False = leave the prompt's tokens (config.data.prompts, with the leading [CLS])
+            # out of the pooling, as sentence-transformers' Pooling(include_prompt=False);
+            # the encoder still attends to them. Written into the exported Pooling config.
+            include_prompt=True,
             dtype="float32",  # compute dtype: "float32" or "bfloat16" (parameters stay float32)
             remat=False,  # recompute each layer's activations in the backward pass
             # Attention: "auto" = fused Pallas kernels (models/kernels/) on GPUs

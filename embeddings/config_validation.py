@@ -15,6 +15,7 @@ from embeddings.losses import LOSS_KINDS, MARGIN_STRATEGIES, SIMILARITIES, SYMME
 from embeddings.models import POOLING_MODES, SUPPORTED_MODEL_TYPES
 from embeddings.models.kernels import ATTENTION_KERNELS
 from embeddings.optim import SCHEDULES
+from embeddings.prompts import ROLES, check_prompts
 
 
 class ConfigError(ValueError):
@@ -169,5 +170,25 @@ def _validate_recipes(config: ml_collections.ConfigDict) -> None:
             f"{loss.kind!r}: the guide is used only by --config.loss.kind=gist."
         )
     _choice("loss.guide.margin_strategy", guide.margin_strategy, MARGIN_STRATEGIES)
+    _validate_prompts(config)
     if guide.margin < 0:
         raise ConfigError(f"config.loss.guide.margin={guide.margin!r} must be >= 0.")
+
+
+def _validate_prompts(config: ml_collections.ConfigDict) -> None:
+    """config.data.prompts and default_prompt_name (data_config prompts: data_config.py)."""
+    try:
+        prompts = check_prompts(dict(config.data.prompts), "config.data.prompts")
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    name = config.data.default_prompt_name
+    if name and not prompts.get(name):
+        given = sorted(role for role, prompt in prompts.items() if prompt)
+        raise ConfigError(
+            f"config.data.default_prompt_name={name!r} names no prompt: set "
+            f"--config.data.prompts.{name}=... too, or use one of the prompts set "
+            f"({given or 'none'}), or '' for no default prompt."
+            if name in ROLES
+            else f"config.data.default_prompt_name={name!r} is not a prompt name: use one of "
+            f"{list(ROLES)} (whose prompt is set in config.data.prompts) or ''."
+        )

@@ -36,8 +36,10 @@ from embeddings.sharding import make_mesh
 
 SAMPLING_STRATEGIES = ("top", "random")
 # "n-tuple": one [query, positive, neg_1, ..., neg_k] row per (query, positive), only when
-# all k negatives were found; "triplet": one [query, positive, negative] row per negative.
-OUTPUT_FORMATS = ("n-tuple", "triplet")
+# all k negatives were found; "triplet": one [query, positive, negative] row per negative;
+# "lists": one {"query": q, "pos": [every positive], "neg": [neg_1, ..., neg_k]} row per
+# query, only when all k were found (the list row that config.data.negatives_per_row samples).
+OUTPUT_FORMATS = ("n-tuple", "triplet", "lists")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,7 +294,7 @@ def mine(
     query_block: int = 4096,
     chunk_size: int = 65536,
     progress: Callable[[Iterable], Iterable] = lambda it: it,
-) -> Iterator[list[str]]:
+) -> Iterator[list[str] | dict]:
     """Yields the mined rows, in the order sentence-transformers gives them.
 
     Args:
@@ -307,7 +309,8 @@ def mine(
 
     Yields:
       [query, positive, neg_1, ..., neg_k] ("n-tuple") or [query, positive, negative]
-      ("triplet") rows: one per (query, positive), or per negative found.
+      ("triplet") rows: one per (query, positive), or per negative found; or
+      {"query", "pos", "neg"} rows ("lists"), one per query.
     """
     options.check()
     range_max = options.candidate_window(index.max_positives)
@@ -328,6 +331,10 @@ def mine(
             query = index.queries[start + row]
             valid = np.isfinite(negative_scores[row])
             texts = [index.corpus[i] for i in negatives[row]]
+            if options.output_format == "lists":
+                if valid.all():
+                    yield {"query": query, "pos": [index.corpus[i] for i in found], "neg": texts}
+                continue
             for positive in found:
                 if options.output_format == "n-tuple":
                     if valid.all():

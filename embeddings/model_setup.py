@@ -129,6 +129,10 @@ def build_model(
         or max(config.data.max_length_anchor, config.data.max_length_document),
         similarity=config.loss.similarity,
         do_lower_case=base_spec.do_lower_case,
+        # The run's own prompts (what it trains and evaluates with), not the init's.
+        prompts={role: prompt for role, prompt in config.data.prompts.items() if prompt},
+        default_prompt_name=config.data.default_prompt_name or None,
+        include_prompt=m.include_prompt,
     )
     kernel = m.attention_kernel
     if kernel == "auto" and encoder_config.model_type == "modernbert":

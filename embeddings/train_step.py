@@ -63,20 +63,37 @@ def _column_rng(rng, column: int, chunk=None):
     return rng if chunk is None else jax.random.fold_in(rng, chunk)
 
 
+def _prompt_lengths(batch) -> tuple:
+    """Per column, the [B] prompt tokens pooling leaves out, or None (pool every token)."""
+    return batch.get("prompt_length") or (None,) * len(batch["input_ids"])
+
+
 def plain_loss_and_grads(params, batch, dropout_rng, *, model: DualEncoder, loss_config):
     """((loss, metrics), grads) by one forward and backward over the whole batch.
 
     With `batch["token_index"]` (one [G, T] index per column, see
-    `embeddings/models/packing.py`) the dense layers skip the padding.
+    `embeddings/models/packing.py`) the dense layers skip the padding. With
+    `batch["prompt_length"]` (one [B] array per column) pooling leaves out each
+    row's prompt tokens.
     """
 
-    token_index = batch.get("token_index") or (None,) * len(batch["input_ids"])
+    columns = len(batch["input_ids"])
+    token_index = batch.get("token_index") or (None,) * columns
+    prompts = _prompt_lengths(batch)
 
     def loss_of_params(p):
         embs = [
-            model.embed(p, c, ids, mask, token_index=index, dropout_rng=_column_rng(dropout_rng, c))
-            for c, (ids, mask, index) in enumerate(
-                zip(batch["input_ids"], batch["attention_mask"], token_index, strict=True)
+            model.embed(
+                p,
+                c,
+                ids,
+                mask,
+                token_index=index,
+                dropout_rng=_column_rng(dropout_rng, c),
+                prompt_length=prompt,
+            )
+            for c, (ids, mask, index, prompt) in enumerate(
+                zip(batch["input_ids"], batch["attention_mask"], token_index, prompts, strict=True)
             )
         ]
         loss, metrics = losses.objective(embs, batch, loss_config)
@@ -113,19 +130,26 @@ def grad_cache_loss_and_grads(
     if rows % chunk:
         raise ValueError(f"config.grad_cache_chunk={chunk} must divide the global batch ({rows}).")
     n = rows // chunk
-    columns = list(zip(batch["input_ids"], batch["attention_mask"], strict=True))
     chunk_index = jnp.arange(n)
+    # Per column: ids, mask and prompt lengths (None: no prompt_length), each [n, chunk, ...].
+    columns = [
+        tuple(None if x is None else _to_chunks(x, n, mesh) for x in column)
+        for column in zip(
+            batch["input_ids"], batch["attention_mask"], _prompt_lengths(batch), strict=True
+        )
+    ]
 
-    def embed_chunk(p, c, ids, mask, k):
-        return model.embed(p, c, ids, mask, dropout_rng=_column_rng(dropout_rng, c, k))
+    def embed_chunk(p, c, ids, mask, prompt, k):
+        return model.embed(
+            p, c, ids, mask, dropout_rng=_column_rng(dropout_rng, c, k), prompt_length=prompt
+        )
 
     # 1. Embeddings of every chunk, no activations kept (lax.map is a scan
     #    without a backward pass, so its memory is one chunk's).
     frozen = jax.lax.stop_gradient(params)
     embs = []
-    for c, (ids, mask) in enumerate(columns):
-        chunked = (_to_chunks(ids, n, mesh), _to_chunks(mask, n, mesh), chunk_index)
-        out = jax.lax.map(lambda xs, c=c: embed_chunk(frozen, c, *xs), chunked)
+    for c, column in enumerate(columns):
+        out = jax.lax.map(lambda xs, c=c: embed_chunk(frozen, c, *xs), (*column, chunk_index))
         embs.append(_from_chunks(out))
 
     # 2. Loss and its gradient with respect to the embeddings: small arrays.
@@ -135,19 +159,14 @@ def grad_cache_loss_and_grads(
 
     # 3. Re-run each chunk and back-propagate its slice of the embedding gradient.
     grads = jax.tree.map(jnp.zeros_like, params)
-    for c, (ids, mask) in enumerate(columns):
+    for c, column in enumerate(columns):
 
         def backward(acc, xs, c=c):
-            ids_k, mask_k, k, g_k = xs
-            _, vjp = jax.vjp(lambda p: embed_chunk(p, c, ids_k, mask_k, k), params)
+            *inputs, k, g_k = xs
+            _, vjp = jax.vjp(lambda p: embed_chunk(p, c, *inputs, k), params)
             return jax.tree.map(jnp.add, acc, vjp(g_k)[0]), None
 
-        xs = (
-            _to_chunks(ids, n, mesh),
-            _to_chunks(mask, n, mesh),
-            chunk_index,
-            _to_chunks(emb_grads[c], n, mesh),
-        )
+        xs = (*column, chunk_index, _to_chunks(emb_grads[c], n, mesh))
         grads, _ = jax.lax.scan(backward, grads, xs)
     return (loss, _with_embedding_norms(metrics, embs)), grads
 
@@ -169,15 +188,19 @@ def guide_embeddings(guide, guide_params, batch, *, chunk: int = 0, mesh=None):
       One [N, E] float32 array per column.
     """
     guide_params = jax.lax.stop_gradient(guide_params)
-    embed = lambda ids, mask: guide.embed(guide_params, ids, mask)
+    embed = lambda ids, mask, prompt: guide.embed(guide_params, ids, mask, prompt_length=prompt)
+    # The guide reads the same prompted texts; it leaves the prompt out of its pooling only if
+    # its own Pooling says so, as the guide of sentence-transformers' GISTEmbedLoss does.
+    prompts = _prompt_lengths(batch) if not guide.spec.include_prompt else None
+    prompts = prompts or (None,) * len(batch["input_ids"])
     out = []
-    for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True):
+    for column in zip(batch["input_ids"], batch["attention_mask"], prompts, strict=True):
         if chunk:
-            n = ids.shape[0] // chunk
-            chunks = (_to_chunks(ids, n, mesh), _to_chunks(mask, n, mesh))
+            n = column[0].shape[0] // chunk
+            chunks = tuple(None if x is None else _to_chunks(x, n, mesh) for x in column)
             out.append(_from_chunks(jax.lax.map(lambda xs: embed(*xs), chunks)))
         else:
-            out.append(embed(ids, mask))
+            out.append(embed(*column))
     return tuple(jax.lax.stop_gradient(e) for e in out)
 
 

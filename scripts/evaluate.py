@@ -13,7 +13,10 @@
 
 `--model` is a sentence-transformers or Hugging Face model folder (or Hub id), a training
 workdir (its latest checkpoint) or a checkpoint step folder, loaded with the project's JAX
-encoders; each batch is split over all local devices. Prints a table of metrics; with --json
+encoders; each batch is split over all local devices. Texts get the model's prompt for their
+role (queries and STS sentences "query", documents "document": a folder's
+config_sentence_transformers.json prompts, a workdir's config.data.prompts), as
+sentence-transformers' encode_query/encode_document do. Prints a table of metrics; with --json
 the last line is one JSON object.
 """
 
@@ -80,13 +83,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 _WORKDIR_MARKERS = ("checkpoints", "state", "metrics.jsonl")
 
 
-def load_encode_fn(path: str, batch_size: int) -> tuple[EncodeFn, str]:
+def load_encode_fn(
+    path: str, batch_size: int, prompts: dict[str, str] | None = None
+) -> tuple[EncodeFn, str]:
     """An encode function for the model at `path`, and the model's similarity.
+
+    Texts of each role get the model's prompt for that role (see embeddings/prompts.py).
 
     Args:
       path: a sentence-transformers or Hugging Face folder, a Hub id, a training workdir
         (its latest checkpoint) or a checkpoint step folder (WORKDIR/checkpoints/<step>).
       batch_size: texts per forward pass.
+      prompts: role -> prompt replacing the model's own for that role ("" = none).
 
     Returns:
       (encode(texts, role) -> embeddings, "cosine" or "dot"). Untied (query/document) models
@@ -106,7 +114,7 @@ def load_encode_fn(path: str, batch_size: int) -> tuple[EncodeFn, str]:
         files = load_model_files(checkpoint.parent.parent)
         mesh = make_mesh()
         params = jax.device_put(restore_params(checkpoint), replicated(mesh))
-        model, tokenizer = files.model, files.tokenizer
+        model, tokenizer = files.model.with_prompts(prompts or {}), files.tokenizer
 
         def encode_checkpoint(texts, role):
             return model.encode(params, tokenizer, texts, role, batch_size=batch_size, mesh=mesh)
@@ -114,16 +122,18 @@ def load_encode_fn(path: str, batch_size: int) -> tuple[EncodeFn, str]:
         return encode_checkpoint, files.spec.similarity or "cosine"
 
     from embeddings.models import SentenceEncoder, load_pretrained
+    from embeddings.models.dual_encoder import DualEncoder
 
     pretrained = load_pretrained(path)
-    encoder = SentenceEncoder(pretrained.config, pretrained.spec)
+    # One tower for both roles; the role still picks the folder's prompt.
+    model = DualEncoder(SentenceEncoder(pretrained.config, pretrained.spec), tied=True)
+    model = model.with_prompts(prompts or {})
     tokenizer = pretrained.tokenizer()
     mesh = make_mesh()
-    params = jax.device_put(pretrained.params, replicated(mesh))
+    params = {"encoder": jax.device_put(pretrained.params, replicated(mesh))}
 
     def encode(texts, role):
-        del role  # one tower: queries and documents share the encoder
-        return encoder.encode(params, tokenizer, list(texts), batch_size=batch_size, mesh=mesh)
+        return model.encode(params, tokenizer, texts, role, batch_size=batch_size, mesh=mesh)
 
     return encode, pretrained.spec.similarity or "cosine"
 

@@ -14,8 +14,15 @@ devices). The selection options and their defaults are those of sentence-transfo
 `util.mine_hard_negatives`; see embeddings/mining.py.
 
 Writes gzip JSONL rows `[query, positive, neg_1, ..., neg_k]` (`--output_format n-tuple`,
-one row per pair with all k negatives found) or `[query, positive, negative]`
-(`triplet`), and prints the data_config.json entry that trains on the file.
+one row per pair with all k negatives found), `[query, positive, negative]`
+(`triplet`) or `{"query": q, "pos": [...], "neg": [neg_1, ..., neg_k]}` (`lists`, one
+row per query, for `config.data.negatives_per_row`), and prints the data_config.json
+entry that trains on the file.
+
+Texts are embedded with the model's own prompts per role (those it was trained and is
+evaluated with); `--query_prompt` and `--corpus_prompt` replace them, as the options of
+sentence-transformers' `mine_hard_negatives` do. The written rows hold the texts without
+prompts: the training pipeline adds its own.
 """
 
 from __future__ import annotations
@@ -68,6 +75,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sampling_strategy", choices=mining.SAMPLING_STRATEGIES, default="top")
     parser.add_argument("--output_format", choices=mining.OUTPUT_FORMATS, default="n-tuple")
     parser.add_argument("--seed", type=int, default=0, help="seed of --sampling_strategy random")
+    parser.add_argument(
+        "--query_prompt", help="prompt before each query (default: the model's query prompt)"
+    )
+    parser.add_argument(
+        "--corpus_prompt",
+        help="prompt before each document (default: the model's document prompt)",
+    )
     parser.add_argument(
         "--similarity", choices=("cosine", "dot"), help="override the model's similarity"
     )
@@ -162,7 +176,9 @@ def run(args: argparse.Namespace) -> int:
         f"{len(pairs)} pairs: {len(index.queries)} distinct queries, "
         f"corpus of {len(index.corpus)} distinct documents"
     )
-    encode, model_similarity = load_encode_fn(args.model, args.batch_size)
+    prompts = {"query": args.query_prompt, "document": args.corpus_prompt}
+    prompts = {role: prompt for role, prompt in prompts.items() if prompt is not None}
+    encode, model_similarity = load_encode_fn(args.model, args.batch_size, prompts=prompts)
     similarity = args.similarity or model_similarity
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -213,6 +229,11 @@ def main(argv=None) -> None:
     print(f"wrote {written} rows to {args.output}")
     entry = {"name": os.path.relpath(args.output, "data"), "lines": written, "weight": written}
     print(f"data_config.json entry (name relative to data_folder): {json.dumps(entry)}")
+    if args.output_format == "lists":
+        print(
+            f"train with --config.data.negatives_per_row=K (K <= {args.num_negatives}): one "
+            "positive and K negatives are drawn from each row at every use."
+        )
 
 
 if __name__ == "__main__":

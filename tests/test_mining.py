@@ -5,6 +5,7 @@ stand-in model whose `encode_query`/`encode_document` return those vectors. Rand
 vectors keep scores apart, so no tie or rounding decides a selection.
 """
 
+import dataclasses
 import gzip
 import json
 import pathlib
@@ -138,6 +139,30 @@ def test_selection_equals_sentence_transformers(case, use_extra):
     assert got == expected
 
 
+@pytest.mark.parametrize("case", ["defaults", "window", "relative_random", "short"])
+def test_list_rows_regroup_the_n_tuples_of_sentence_transformers(case):
+    """Each "lists" row holds what sentence-transformers' n-tuple rows of its query hold:
+    the positives (first-seen order) and the k negatives they all share; a query without
+    k negatives gets no row, as it gets no n-tuple."""
+    # "short": a narrow window and a wide margin leave some queries fewer than k negatives.
+    short = ("cosine", dict(range_max=6, num_negatives=5, relative_margin=0.3))
+    similarity, kwargs = short if case == "short" else CASES[case]
+    options = mining.MiningOptions(**kwargs)
+    pairs, extra, vectors = toy_data(seed=len(case))
+    expected = {}
+    for query, positive, *negatives in theirs(pairs, extra, vectors, similarity, options, 7):
+        row = expected.setdefault(query, {"query": query, "pos": [], "neg": negatives})
+        assert row["neg"] == negatives
+        if positive not in row["pos"]:
+            row["pos"].append(positive)
+    lists = dataclasses.replace(options, output_format="lists")
+    got = ours(pairs, extra, vectors, similarity, lists, 7, query_block=9, chunk_size=5)
+    assert got == list(expected.values())
+    assert any(len(row["pos"]) > 1 for row in got)  # the regrouping is exercised
+    if case == "short":  # and the dropping of queries short of k negatives
+        assert len(got) < len({query for query, _ in pairs})
+
+
 def test_short_corpus_is_padded_like_sentence_transformers():
     # Fewer documents than range_max + max_positives: the missing candidates count as absent.
     pairs = [(f"q{i}", f"d{i}") for i in range(6)]
@@ -253,3 +278,52 @@ def test_script_reports_bad_options_without_a_traceback(tmp_path):
     assert result.returncode != 0
     assert "range_min (4) must be smaller than range_max (4)" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_script_list_rows_train(tmp_path):
+    """--output_format lists on a tiny corpus writes {"query", "pos", "neg"} rows with
+    several negatives that the pipeline samples k of, and the tiny config trains on them."""
+    from hf_tiny import make_tiny_sentence_transformer
+
+    from configs import tiny
+    from embeddings.trainer import train_and_evaluate
+
+    model = make_tiny_sentence_transformer("bert", tmp_path / "models")
+    with gzip.open(REPO / "data" / "debian" / "education.jsonl.gz", "rt") as f:
+        rows = [json.loads(line) for line in f][:24]
+    pairs_file = tmp_path / "pairs.jsonl.gz"
+    with gzip.open(pairs_file, "wt") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    output = tmp_path / "mined.jsonl.gz"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--model", str(model), "--pairs", str(pairs_file),
+         "--output", str(output), "--num_negatives", "3", "--output_format", "lists",
+         "--query_prompt", "query: ", "--batch_size", "8"],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "negatives_per_row" in result.stdout
+    with gzip.open(output, "rt") as f:
+        mined = [json.loads(line) for line in f]
+    assert len(mined) == len({q for q, _ in rows})
+    for row in mined:
+        assert sorted(row) == ["neg", "pos", "query"]
+        assert len(row["neg"]) == 3 and not set(row["neg"]) & set(row["pos"])
+        assert not row["query"].startswith("query: ")  # prompts are not written
+
+    (tmp_path / "data_config.json").write_text(json.dumps([{"name": output.name, "weight": 1}]))
+    config = tiny.get_config()
+    config.data_folder = str(tmp_path)
+    config.data_config = str(tmp_path / "data_config.json")
+    config.data.negatives_per_row = 2
+    config.data.datasets_per_batch = 1
+    config.data.skip_duplicates = False  # 24 queries' negatives repeat across a batch
+    config.batch_size = 8
+    config.total_steps = 2
+    config.log_every = 1
+    config.eval.sts_file = config.eval.retrieval_file = ""
+    train_and_evaluate(config, str(tmp_path / "run"))
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(line) for line in lines if '"loss"' in line]
+    assert [m["step"] for m in steps] == [1, 2]
+    assert all(np.isfinite(m["loss"]) for m in steps)

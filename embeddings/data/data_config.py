@@ -18,6 +18,8 @@ from typing import Any
 
 from etils import epath
 
+from embeddings.prompts import check_prompts
+
 FILE_FORMATS = ("jsonl", "tsv", "csv", "hf")
 FORMATS = (*FILE_FORMATS, "hf_hub", "tfds")
 KINDS = ("pairs", "triplets", "margin", "scores", "embedding")
@@ -38,6 +40,7 @@ _KEYS = (
     "max_length_document",
     "split",
     "config",
+    "prompts",
 )
 # File name endings and the format they imply when "format" is not given.
 _SUFFIX_FORMATS = (
@@ -72,6 +75,8 @@ class DatasetEntry:
       max_length_document: token limit for the other columns, or None for the default.
       split: split of a Hugging Face or TFDS dataset.
       config: Hugging Face Hub dataset configuration name.
+      prompts: role ("query" | "document") -> prompt prepended to that role's texts of this
+        dataset, over config.data.prompts (embeddings/prompts.py); None = the config's.
       path: resolved file or folder for the file formats and local "hf"; None otherwise.
       source: the data config file (or "<list>") for messages.
     """
@@ -87,6 +92,7 @@ class DatasetEntry:
     max_length_document: int | None = None
     split: str | None = None
     config: str | None = None
+    prompts: dict[str, str] | None = None
     path: epath.Path | None = None
     source: str = "<list>"
 
@@ -209,6 +215,13 @@ def _parse_entry(index: int, item: Any, folder: epath.Path, source: str) -> Data
     if fmt in ("hf", "hf_hub", "tfds") and split is None:
         split = "train"
 
+    prompts = item.get("prompts")
+    if prompts is not None:
+        try:
+            prompts = check_prompts(prompts, where)
+        except ValueError as error:
+            raise DataConfigError(str(error)) from None
+
     path = _resolve_path(name, folder, fail) if fmt in FILE_FORMATS else None
     return DatasetEntry(
         index=index,
@@ -220,6 +233,7 @@ def _parse_entry(index: int, item: Any, folder: epath.Path, source: str) -> Data
         fields=fields,
         split=split,
         config=config,
+        prompts=prompts,
         path=path,
         source=source,
         **max_lengths,

@@ -15,7 +15,7 @@ import copy
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import ml_collections
@@ -29,6 +29,7 @@ from embeddings.data.readers import Layout, infer_row_spec, make_source
 from embeddings.data.shuffle import ShuffledStream
 from embeddings.data.tokenize import BatchTokenizer, Collator
 from embeddings.data.workers import CollatorPool
+from embeddings.prompts import ROLES, check_prompts, prompt_length
 
 logger = logging.getLogger(__name__)
 
@@ -213,6 +214,11 @@ class InputPipeline:
       skip_duplicates: skip an example whose text is already in the (local) batch.
       max_bad_line_share: stop when a dataset's malformed-line share passes this.
       prefetch: batches prepared ahead in a background thread; 0 = none.
+      prompts: role ("query" | "document") -> prompt prepended to that role's texts of
+        every dataset without its own (data_config "prompts", which win key by key);
+        None = no prompts. See embeddings/prompts.py.
+      include_prompt: False = batches carry `prompt_length` (one [rows] array per column),
+        the prompt tokens that pooling leaves out (`Pooling(include_prompt=False)`).
       negatives_per_row: 0 = the first element of a list of candidates in a
         {"query", "pos": [...], "neg": [...]} row; k > 0 = one positive and k
         negatives sampled from the lists at every use (readers.sample_candidates).
@@ -247,6 +253,8 @@ class InputPipeline:
         prefetch: int = _DEFAULT.data.prefetch,
         workers: int = _DEFAULT.data.workers,
         negatives_per_row: int = _DEFAULT.data.negatives_per_row,
+        prompts: Mapping[str, str] | None = None,
+        include_prompt: bool = _DEFAULT.model.include_prompt,
         seed: int = _DEFAULT.seed,
         process_index: int = 0,
         process_count: int = 1,
@@ -313,7 +321,12 @@ class InputPipeline:
             rows_per_group=rows_per_group,
             skip_duplicates=skip_duplicates,
         )
-        collator = Collator(BatchTokenizer(tokenizer), limits, buckets)
+        collator = Collator(
+            BatchTokenizer(tokenizer),
+            limits,
+            buckets,
+            **_prompt_settings(self.entries, prompts, include_prompt, tokenizer, limits),
+        )
         settings = dict(
             seed=seed,
             batch_size=batch_size,
@@ -443,6 +456,33 @@ class InputPipeline:
             )
 
 
+def _prompt_settings(
+    entries: Sequence[DatasetEntry],
+    prompts: Mapping[str, str] | None,
+    include_prompt: bool,
+    tokenizer,
+    limits: Sequence[tuple[int, int]],
+) -> dict[str, Any]:
+    """The Collator's `prompts` and `prompt_lengths` (None where no dataset has a prompt)."""
+    default = check_prompts(prompts or {}, "config.data.prompts")
+    pairs = []
+    for entry in entries:
+        merged = {**default, **(entry.prompts or {})}
+        pairs.append(tuple(merged.get(role, "") for role in ROLES))
+    if not any(any(pair) for pair in pairs):
+        return {"prompts": None, "prompt_lengths": None}
+    lengths = None
+    if not include_prompt:
+        lengths = [
+            tuple(
+                prompt_length(tokenizer, p, limit)
+                for p, limit in zip(pair, limit_pair, strict=True)
+            )
+            for pair, limit_pair in zip(pairs, limits, strict=True)
+        ]
+    return {"prompts": pairs, "prompt_lengths": lengths}
+
+
 def _width(item: tuple[str, Any]) -> int:
     return int(item[0])
 
@@ -539,7 +579,8 @@ def build_pipeline(
 
     Reads config.data_folder, config.data_config, config.batch_size (global), config.seed
     and config.data.{datasets_per_batch, max_length_anchor, max_length_document, buckets,
-    shuffle_buffer, skip_duplicates, max_bad_line_share, prefetch, workers, negatives_per_row}.
+    shuffle_buffer, skip_duplicates, max_bad_line_share, prefetch, workers, negatives_per_row},
+    and, when present, config.data.prompts and config.model.include_prompt.
     """
     missing = [k for k in ("data_folder", "data_config", "batch_size", "seed") if k not in config]
     if "data" not in config:
@@ -559,5 +600,7 @@ def build_pipeline(
         seed=config.seed,
         process_index=process_index,
         process_count=process_count,
+        prompts=dict(data.get("prompts") or {}),
+        include_prompt=config.get("model", {}).get("include_prompt", True),
         **{k: tuple(data[k]) if k == "buckets" else data[k] for k in _CONFIG_KEYS},
     )

@@ -118,14 +118,26 @@ class Collator:
       tokenizer: the BatchTokenizer.
       limits: (anchor limit, document limit) per dataset index.
       buckets: padded lengths; () pads to the token limit.
+      prompts: (query prompt, document prompt) per dataset index, prepended to column 0
+        and to the other columns before tokenizing (so the limits count them); None = none.
+      prompt_lengths: (query, document) prompt tokens per dataset index that pooling leaves
+        out (`embeddings.prompts.prompt_length`), sent as the batch's `prompt_length` (one
+        [rows] array per column); None = no such field (pooling includes the prompts).
     """
 
     def __init__(
-        self, tokenizer: BatchTokenizer, limits: Sequence[tuple[int, int]], buckets: Sequence[int]
+        self,
+        tokenizer: BatchTokenizer,
+        limits: Sequence[tuple[int, int]],
+        buckets: Sequence[int],
+        prompts: Sequence[tuple[str, str]] | None = None,
+        prompt_lengths: Sequence[tuple[int, int]] | None = None,
     ):
         self._tokenizer = tokenizer
         self._limits = limits
         self._buckets = tuple(buckets)
+        self._prompts = prompts
+        self._prompt_lengths = prompt_lengths
 
     def __call__(
         self, rows: Sequence[tuple[int, Example]], layout: Layout
@@ -136,10 +148,15 @@ class Collator:
           The batch dict, and (padded length, real tokens, padded tokens) per column.
         """
         datasets = np.array([d for d, _ in rows], dtype=np.int32)
-        ids, masks, tokens = [], [], []
+        ids, masks, tokens, prompt_lengths = [], [], [], []
         for column in range(layout.columns):
             side = 0 if column == 0 else 1
             texts = [example.texts[column] for _, example in rows]
+            if self._prompts is not None:
+                texts = [self._prompts[d][side] + example.texts[column] for d, example in rows]
+            if self._prompt_lengths is not None:
+                lengths = [self._prompt_lengths[d][side] for d, _ in rows]
+                prompt_lengths.append(np.array(lengths, dtype=np.int32))
             limits = [self._limits[d][side] for d, _ in rows]
             sequences = self._encode(texts, limits)
             lengths = np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences))
@@ -160,6 +177,8 @@ class Collator:
             ),
             "dataset_index": datasets,
         }
+        if self._prompt_lengths is not None:
+            batch["prompt_length"] = tuple(prompt_lengths)
         if layout.kind == "margin":
             batch["margin"] = np.array([example.margin for _, example in rows], dtype=np.float32)
         elif layout.kind in LABEL_KEYS:

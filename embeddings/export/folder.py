@@ -7,7 +7,10 @@ release since 2.x loads, so the exported model works for users on old and new
 versions alike. Untied (query/document) models use a `Router` module
 (sentence-transformers >= 5), so `encode_query` and `encode_document` use the
 right tower; `split_towers` also writes two plain folders, OUT-Q and OUT-A, as
-the seed multi-QA_v1-mpnet-asymmetric-Q/-A models were published.
+the seed multi-QA_v1-mpnet-asymmetric-Q/-A models were published. The run's
+prompts are `config_sentence_transformers.json`'s `prompts` and
+`default_prompt_name`, and 1_Pooling/config.json's `include_prompt` says whether
+pooling includes their tokens (embeddings/prompts.py).
 
 Everything is written into a temporary sibling folder first and renamed into
 place at the end, so a failed export never leaves a half-written model and
@@ -68,18 +71,22 @@ def _write_pooling(folder: epath.Path, files: ModelSetup) -> None:
     for mode, flag in POOLING_FLAGS.items():
         pooling[flag] = files.spec.pooling == mode
     pooling.update(
-        pooling_mode_weightedmean_tokens=False, pooling_mode_lasttoken=False, include_prompt=True
+        pooling_mode_weightedmean_tokens=False,
+        pooling_mode_lasttoken=False,
+        include_prompt=files.spec.include_prompt,
     )
     _write_json(folder / "config.json", pooling)
 
 
 def _write_st_config(folder: epath.Path, files: ModelSetup, prompts: dict) -> None:
+    """The run's prompts (`spec.prompts`) go over `prompts`: `encode(..., prompt_name=role)`,
+    `encode_query` and `encode_document` then prepend what training and evaluation did."""
     _write_json(
         folder / "config_sentence_transformers.json",
         {
             "__version__": {"sentence_transformers": "2.0.0"},  # oldest version that loads it
-            "prompts": prompts,
-            "default_prompt_name": None,
+            "prompts": {**prompts, **files.spec.prompts},
+            "default_prompt_name": files.spec.default_prompt_name,
             "similarity_fn_name": files.spec.similarity or "cosine",
         },
     )

@@ -7,12 +7,16 @@ parameters. Parameters are a plain dict: `{"encoder": p}` or
 `{"query": p, "document": p}`.
 """
 
+from __future__ import annotations
+
 import dataclasses
+from collections.abc import Mapping
 
 import jax
 import numpy as np
 
 from embeddings.models.sentence_encoder import SentenceEncoder
+from embeddings.prompts import prompt_length
 
 TIED_TOWERS = ("encoder",)
 UNTIED_TOWERS = ("query", "document")
@@ -49,22 +53,52 @@ class DualEncoder:
         return {name: self.encoder.init(key) for name, key in zip(self.towers, keys, strict=True)}
 
     def encode(self, params, tokenizer, texts, role: str, **kwargs) -> np.ndarray:
-        """Embeds texts of `role` ("query" or "document") with that role's tower.
+        """Embeds texts of `role` ("query" or "document") with that role's tower and prompt.
 
-        Evaluation, export checks and mining; `kwargs` go to `SentenceEncoder.encode`
-        (`batch_size`, `max_length`, `mesh`).
+        The one place that encodes texts by role (evaluation, export checks, mining):
+        the role's prompt (`spec.prompts`) is prepended to every text before
+        tokenizing, and left out of the pooling when `spec.include_prompt` is False,
+        as sentence-transformers' `encode(texts, prompt_name=role)` does. `kwargs` go
+        to `SentenceEncoder.encode` (`batch_size`, `max_length`, `mesh`).
         """
-        return self.encoder.encode(params[self.tower(role)], tokenizer, list(texts), **kwargs)
+        spec = self.encoder.spec
+        prompt = spec.prompts.get(role, "")
+        if prompt and not spec.include_prompt:
+            limit = self.encoder.max_length(tokenizer, kwargs.get("max_length"))
+            kwargs["prompt_length"] = prompt_length(tokenizer, prompt, limit)
+        texts = [prompt + text for text in texts]
+        return self.encoder.encode(params[self.tower(role)], tokenizer, texts, **kwargs)
+
+    def with_prompts(self, prompts: Mapping[str, str]) -> DualEncoder:
+        """This model with `prompts` (role -> prompt, "" = none) replacing its own for those
+        roles, e.g. mining's --query_prompt; itself when `prompts` is empty."""
+        if not prompts:
+            return self
+        e = self.encoder
+        spec = dataclasses.replace(e.spec, prompts={**e.spec.prompts, **prompts})
+        encoder = SentenceEncoder(
+            e.config, spec, dtype=e.dtype, remat=e.remat, attention=e.attention
+        )
+        return dataclasses.replace(self, encoder=encoder)
 
     def embed(
-        self, params, column: int, input_ids, attention_mask, *, token_index=None, dropout_rng=None
+        self,
+        params,
+        column: int,
+        input_ids,
+        attention_mask,
+        *,
+        token_index=None,
+        dropout_rng=None,
+        prompt_length=None,
     ):
-        """Embeddings [B, D] (float32) of one batch column (`token_index`: see
-        `SentenceEncoder.embed`)."""
+        """Embeddings [B, D] (float32) of one batch column (`token_index`, `prompt_length`:
+        see `SentenceEncoder.embed`)."""
         return self.encoder.embed(
             params[self.column_tower(column)],
             input_ids,
             attention_mask,
             token_index=token_index,
             dropout_rng=dropout_rng,
+            prompt_length=prompt_length,
         )

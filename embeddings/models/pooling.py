@@ -12,7 +12,9 @@ import jax.numpy as jnp
 POOLING_MODES = ("cls", "mean", "max", "mean_sqrt_len_tokens")
 
 
-def pool(hidden: jax.Array, attention_mask: jax.Array, mode: str) -> jax.Array:
+def pool(
+    hidden: jax.Array, attention_mask: jax.Array, mode: str, prompt_length: jax.Array | None = None
+) -> jax.Array:
     """Pools [B, L, H] token states into [B, H] float32 sentence embeddings.
 
     Matches `sentence_transformers` `Pooling` for padded inputs:
@@ -22,10 +24,19 @@ def pool(hidden: jax.Array, attention_mask: jax.Array, mode: str) -> jax.Array:
       - "max": element-wise max over real tokens (-inf where a row has none);
       - "mean_sqrt_len_tokens": sum / sqrt(max(number of real tokens, 1e-9)).
 
+    With `prompt_length` (`Pooling(include_prompt=False)`), the first
+    `prompt_length[b]` positions of row b are not real tokens for the pooling
+    (the encoder attended to them): "cls" takes the first token after the
+    prompt, and a row with nothing after it pools to zeros ("mean") or to the
+    state at position 0 ("cls"), as sentence-transformers does. Rows are
+    right-padded here, so positions count from the start of the row.
+
     Args:
         hidden: [B, L, H] token states, any float dtype.
         attention_mask: [B, L], nonzero for real tokens.
         mode: One of `POOLING_MODES`.
+        prompt_length: None, or [B] integers: prompt tokens to leave out per row
+            (`embeddings.prompts.prompt_length`; 0 = none).
 
     Returns:
         [B, H] float32.
@@ -37,6 +48,9 @@ def pool(hidden: jax.Array, attention_mask: jax.Array, mode: str) -> jax.Array:
         raise ValueError(f"Unknown pooling mode {mode!r}; use one of {POOLING_MODES}.")
     hidden = hidden.astype(jnp.float32)
     real = attention_mask != 0
+    if prompt_length is not None:
+        positions = jnp.arange(real.shape[1])[None, :]
+        real = real & (positions >= jnp.asarray(prompt_length)[:, None])
     if mode == "cls":
         first = jnp.argmax(real, axis=1)
         return jnp.take_along_axis(hidden, first[:, None, None], axis=1)[:, 0]

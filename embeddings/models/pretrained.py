@@ -22,6 +22,7 @@ import transformers
 from embeddings.models.encoder_config import EncoderConfig
 from embeddings.models.hf_weights import params_from_hf, read_hf_state_dict, weights_files
 from embeddings.models.pooling import POOLING_MODES
+from embeddings.prompts import ROLES, check_prompts
 
 # Old sentence-transformers versions named the transformer module's config per family.
 _SBERT_CONFIG_NAMES = (
@@ -53,6 +54,10 @@ class SentenceSpec:
         similarity: "cosine" or "dot" (`similarity_fn_name`), or None if unstated.
         do_lower_case: Whether text is lower-cased before tokenizing (on top of
             whatever the tokenizer itself does).
+        prompts: Role ("query" | "document") -> text prepended before tokenizing
+            (`config_sentence_transformers.json`'s `prompts`; see `embeddings.prompts`).
+        default_prompt_name: The prompt sentence-transformers' plain `encode` uses, or None.
+        include_prompt: Whether pooling includes the prompt's tokens (`Pooling`'s option).
     """
 
     pooling: str = "mean"
@@ -60,6 +65,9 @@ class SentenceSpec:
     max_seq_length: int | None = None
     similarity: str | None = None
     do_lower_case: bool = False
+    prompts: dict[str, str] = dataclasses.field(default_factory=dict)
+    default_prompt_name: str | None = None
+    include_prompt: bool = True
 
 
 @dataclasses.dataclass
@@ -241,11 +249,13 @@ def read_sentence_spec(folder) -> SentenceSpec:
     modules = _modules(root)
     if modules is None:
         return SentenceSpec()
-    pooling, normalize = "mean", False
+    pooling, normalize, include_prompt = "mean", False, True
     for module in modules:
         kind = _module_kind(module)
         if kind == "Pooling":
-            pooling = _pooling_mode(root / module.get("path", "") / "config.json")
+            pooling_config = root / module.get("path", "") / "config.json"
+            pooling = _pooling_mode(pooling_config)
+            include_prompt = bool(_read_json(pooling_config).get("include_prompt", True))
         elif kind == "Normalize":
             normalize = True
         elif kind != "Transformer":
@@ -259,10 +269,14 @@ def read_sentence_spec(folder) -> SentenceSpec:
         if (model_dir / name).is_file():
             sbert_config = _read_json(model_dir / name)
             break
-    similarity = None
+    similarity, prompts, default_prompt_name = None, {}, None
     st_config = root / "config_sentence_transformers.json"
     if st_config.is_file():
-        name = _read_json(st_config).get("similarity_fn_name")
+        st = _read_json(st_config)
+        # Prompt names other than the two roles (e.g. "classification") have no use here.
+        prompts = {k: v for k, v in (st.get("prompts") or {}).items() if k in ROLES and v}
+        default_prompt_name = st.get("default_prompt_name")
+        name = st.get("similarity_fn_name")
         if name is not None and name not in _SIMILARITY_ALIASES:
             raise ValueError(
                 f"{st_config}: similarity_fn_name={name!r} is not supported; use 'cosine' or 'dot'."
@@ -274,6 +288,9 @@ def read_sentence_spec(folder) -> SentenceSpec:
         max_seq_length=_max_seq_length(model_dir, sbert_config),
         similarity=similarity,
         do_lower_case=bool(sbert_config.get("do_lower_case", False)),
+        prompts=check_prompts(prompts, str(st_config)),
+        default_prompt_name=default_prompt_name,
+        include_prompt=include_prompt,
     )
 
 

@@ -153,9 +153,11 @@ class SentenceEncoder:
         *,
         token_index=None,
         dropout_rng=None,
+        prompt_length=None,
     ) -> jax.Array:
         """[B, H] float32 sentence embeddings: pooled per `spec.pooling`, L2-normalised
-        if `spec.normalize`. Arguments as `hidden_states`."""
+        if `spec.normalize`. Arguments as `hidden_states`; `prompt_length` ([B] or None):
+        prompt tokens each row's pooling leaves out (`pooling.pool`)."""
         hidden = self.hidden_states(
             params,
             input_ids,
@@ -164,10 +166,11 @@ class SentenceEncoder:
             token_index=token_index,
             dropout_rng=dropout_rng,
         )
-        pooled = pool(hidden, attention_mask, self.spec.pooling)
+        pooled = pool(hidden, attention_mask, self.spec.pooling, prompt_length)
         return l2_normalize(pooled) if self.spec.normalize else pooled
 
-    def _max_length(self, tokenizer, max_length: int | None) -> int:
+    def max_length(self, tokenizer, max_length: int | None = None) -> int:
+        """The truncation length `encode` uses (see its `max_length`)."""
         if max_length is None:
             max_length = self.spec.max_seq_length
         if max_length is None:
@@ -183,6 +186,7 @@ class SentenceEncoder:
         batch_size: int = 64,
         max_length: int | None = None,
         mesh: jax.sharding.Mesh | None = None,
+        prompt_length: int = 0,
     ) -> np.ndarray:
         """Embeds texts (evaluation and parity checks; training has its own pipeline).
 
@@ -201,6 +205,9 @@ class SentenceEncoder:
                 tokenizer's `model_max_length`; never beyond the position table.
             mesh: None: run where `params` live; a mesh: shard each batch's rows
                 over it (`sharding.batch_sharding`), as the trainer's evaluation does.
+            prompt_length: Leading tokens of every text left out of the pooling (the
+                texts already start with a prompt of that many tokens; see
+                `DualEncoder.encode`); 0 = pool every token.
 
         Returns:
             [len(texts), H] float32 numpy array.
@@ -210,7 +217,7 @@ class SentenceEncoder:
         out = np.zeros((len(texts), self.config.hidden_size), np.float32)
         if not texts:
             return out
-        limit = self._max_length(tokenizer, max_length)
+        limit = self.max_length(tokenizer, max_length)
         tokens = tokenizer(list(texts), truncation=True, max_length=limit)
         use_types = self.config.type_vocab_size > 0 and "token_type_ids" in tokens
         order = np.argsort([-len(ids) for ids in tokens["input_ids"]], kind="stable")
@@ -231,8 +238,11 @@ class SentenceEncoder:
                 mask[r, :n] = 1
                 if use_types:
                     types[r, :n] = tokens["token_type_ids"][i]
-            inputs = (ids, mask, types if use_types else None)
+            prompt = np.full(shape[:1], prompt_length, np.int32) if prompt_length else None
+            inputs = (ids, mask, types if use_types else None, prompt)
             if mesh is not None:
                 inputs = tuple(None if x is None else _on_mesh(x, mesh) for x in inputs)
-            out[rows] = _to_host(self._jit_embed(params, *inputs))[: len(rows)]
+            *inputs, prompt = inputs
+            embedded = self._jit_embed(params, *inputs, prompt_length=prompt)
+            out[rows] = _to_host(embedded)[: len(rows)]
         return out
