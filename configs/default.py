@@ -66,9 +66,6 @@ def get_config() -> ml_collections.ConfigDict:
             # data_config entry's "prompts" replace these for its dataset, key by key. E.g.
             # --config.data.prompts.query="query: " --config.data.prompts.document="passage: "
             prompts=ml_collections.ConfigDict(dict(query="", document="")),
-            # Prompt that sentence-transformers' plain encode() of the exported model uses:
-            # "" (none) | "query" | "document" (a key of prompts with a non-empty prompt).
-            default_prompt_name="",
         )
     )
 
@@ -90,6 +87,10 @@ def get_config() -> ml_collections.ConfigDict:
             # out of the pooling, as sentence-transformers' Pooling(include_prompt=False);
             # the encoder still attends to them. Written into the exported Pooling config.
             include_prompt=True,
+            # Prompt that sentence-transformers' plain encode() of the exported model uses:
+            # "" (none) | "query" | "document" (a key of config.data.prompts with a
+            # non-empty prompt).
+            default_prompt_name="",
             dtype="float32",  # compute dtype: "float32" or "bfloat16" (parameters stay float32)
             remat=False,  # recompute each layer's activations in the backward pass
             # Attention: "auto" = fused Pallas kernels (models/kernels/) on GPUs

@@ -176,19 +176,20 @@ def _validate_recipes(config: ml_collections.ConfigDict) -> None:
 
 
 def _validate_prompts(config: ml_collections.ConfigDict) -> None:
-    """config.data.prompts and default_prompt_name (data_config prompts: data_config.py)."""
+    """config.data.prompts and config.model.default_prompt_name (data_config prompts:
+    data_config.py)."""
     try:
         prompts = check_prompts(dict(config.data.prompts), "config.data.prompts")
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    name = config.data.default_prompt_name
+    name = config.model.default_prompt_name
     if name and not prompts.get(name):
         given = sorted(role for role, prompt in prompts.items() if prompt)
         raise ConfigError(
-            f"config.data.default_prompt_name={name!r} names no prompt: set "
+            f"config.model.default_prompt_name={name!r} names no prompt: set "
             f"--config.data.prompts.{name}=... too, or use one of the prompts set "
             f"({given or 'none'}), or '' for no default prompt."
             if name in ROLES
-            else f"config.data.default_prompt_name={name!r} is not a prompt name: use one of "
+            else f"config.model.default_prompt_name={name!r} is not a prompt name: use one of "
             f"{list(ROLES)} (whose prompt is set in config.data.prompts) or ''."
         )

@@ -131,7 +131,7 @@ def build_model(
         do_lower_case=base_spec.do_lower_case,
         # The run's own prompts (what it trains and evaluates with), not the init's.
         prompts={role: prompt for role, prompt in config.data.prompts.items() if prompt},
-        default_prompt_name=config.data.default_prompt_name or None,
+        default_prompt_name=config.model.default_prompt_name or None,
         include_prompt=m.include_prompt,
     )
     kernel = m.attention_kernel

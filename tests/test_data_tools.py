@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import ml_collections
 import pytest
 from test_data_support import REPO, write_lines
 
@@ -77,6 +78,8 @@ def test_inspect_data_and_the_pipeline_default_to_the_training_config(monkeypatc
     monkeypatch.undo()
     shipped = default.get_config()
     for key, value in shipped.data.items():
+        if isinstance(value, ml_collections.ConfigDict):  # e.g. prompts: a mapping
+            value = value.to_dict()
         assert parameters[key].default == value, key
     assert parameters["seed"].default == shipped.seed
 

@@ -108,7 +108,7 @@ def _tiny_config(init, *, include_prompt=True, tied=True, default_prompt_name=""
     config.model.include_prompt = include_prompt
     config.data.prompts.query = PROMPTS["query"]
     config.data.prompts.document = PROMPTS["document"]
-    config.data.default_prompt_name = default_prompt_name
+    config.model.default_prompt_name = default_prompt_name
     return config
 
 
@@ -342,7 +342,7 @@ def test_data_config_prompt_errors_name_entry_and_key(tmp_path, prompts, words):
 def test_config_default_prompt_name_must_name_a_prompt(name, query, words):
     config = tiny.get_config()
     config.data.prompts.query = query
-    config.data.default_prompt_name = name
+    config.model.default_prompt_name = name
     with pytest.raises(ConfigError) as error:
         validate(config)
     for word in words:
@@ -352,5 +352,5 @@ def test_config_default_prompt_name_must_name_a_prompt(name, query, words):
 def test_config_with_prompts_is_valid():
     config = tiny.get_config()
     config.data.prompts.query = "query: "
-    config.data.default_prompt_name = "query"
+    config.model.default_prompt_name = "query"
     validate(config)

@@ -15,6 +15,7 @@ import copy
 import logging
 import math
 import os
+import types
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -253,7 +254,7 @@ class InputPipeline:
         prefetch: int = _DEFAULT.data.prefetch,
         workers: int = _DEFAULT.data.workers,
         negatives_per_row: int = _DEFAULT.data.negatives_per_row,
-        prompts: Mapping[str, str] | None = None,
+        prompts: Mapping[str, str] | None = types.MappingProxyType(_DEFAULT.data.prompts.to_dict()),
         include_prompt: bool = _DEFAULT.model.include_prompt,
         seed: int = _DEFAULT.seed,
         process_index: int = 0,
