@@ -393,9 +393,9 @@ def test_encode_sharded_over_the_mesh_equals_st(tmp_path):
     texts = [f"text number {i} " + "word " * (i % 23) for i in range(37)]
     jit_embed, shardings = encoder._jit_embed, []
 
-    def recording_embed(params, ids, *rest):
+    def recording_embed(params, ids, *rest, **keywords):
         shardings.append((ids.shape, ids.sharding))
-        return jit_embed(params, ids, *rest)
+        return jit_embed(params, ids, *rest, **keywords)
 
     encoder._jit_embed = recording_embed
     mesh = make_mesh()
