@@ -130,6 +130,25 @@ def _spread(values: list[float]) -> dict[str, float]:
     }
 
 
+def print_runs(runs: list[dict], label: str) -> None:
+    """One table row per run: its `label` column (trainer or setting), seed, wall
+    time, MRR@10, STS-B and final loss (bench/recipes.py prints the same)."""
+    _timing.print_table(
+        [label, "seed", "train wall s", "MRR@10", "STS-B", "loss (last logs)"],
+        [
+            [
+                r[label],
+                r["seed"],
+                f"{r['wall_seconds']:.1f}",
+                f"{r['debian_mrr@10']:.4f}",
+                f"{r['stsb_spearman']:.4f}",
+                f"{r['final_loss']:.4f}",
+            ]
+            for r in runs
+        ],
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/quickstart.py", help="our config (recipe)")
@@ -218,20 +237,7 @@ def main() -> None:
     ]
     _timing.print_table(["trainer", "metric", "mean", "std", "min", "max"], rows)
     print()
-    _timing.print_table(
-        ["trainer", "seed", "train wall s", "MRR@10", "STS-B", "loss (last logs)"],
-        [
-            [
-                r["trainer"],
-                r["seed"],
-                f"{r['wall_seconds']:.1f}",
-                f"{r['debian_mrr@10']:.4f}",
-                f"{r['stsb_spearman']:.4f}",
-                f"{r['final_loss']:.4f}",
-            ]
-            for r in runs
-        ],
-    )
+    print_runs(runs, "trainer")
     if args.json:
         _timing.print_json(
             dict(

@@ -230,20 +230,7 @@ def main() -> None:
         ],
     )
     print()
-    _timing.print_table(
-        ["setting", "seed", "train wall s", "MRR@10", "STS-B", "last loss"],
-        [
-            [
-                r["setting"],
-                r["seed"],
-                f"{r['wall_seconds']:.1f}",
-                f"{r['debian_mrr@10']:.4f}",
-                f"{r['stsb_spearman']:.4f}",
-                f"{r['final_loss']:.4f}",
-            ]
-            for r in runs
-        ],
-    )
+    quality.print_runs(runs, "setting")
     if args.json:
         _timing.print_json(
             dict(
