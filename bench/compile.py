@@ -266,18 +266,36 @@ def step_costs(compiled, hbm_gib: float) -> dict:
     }
 
 
+def rates_at_floor(
+    floor: float, batch_size: int, total_steps: int, model_flops: float, peak_flops: float
+) -> dict:
+    """Pairs/s, hours for `total_steps` and MFU if each step took `floor` seconds.
+
+    All None when the cost model gave no floor (a value <= 0, seen on v4 and v5e):
+    a rate computed from it would be a negative number, not an estimate.
+    """
+    if floor <= 0:
+        return {"pairs_per_second_at_floor": None, "hours_at_floor": None, "mfu_at_floor": None}
+    return {
+        "pairs_per_second_at_floor": batch_size / floor,
+        "hours_at_floor": total_steps * floor / 3600,
+        "mfu_at_floor": model_flops / floor / peak_flops,
+    }
+
+
 def analyse(compiled, facts: dict, config, target: Target, top: int) -> dict:
     """Memory, cost model, rates at the floor and largest ops of a compiled step."""
     costs = step_costs(compiled, target.hbm_gib)
-    floor = costs["floor_seconds"]
     return {
         **facts,
         **costs,
-        "pairs_per_second_at_floor": config.batch_size / floor,
-        "hours_at_floor": config.total_steps * floor / 3600,
-        "mfu_at_floor": facts["model_flops_per_step"]
-        / floor
-        / (facts["devices"] * target.peak_flops),
+        **rates_at_floor(
+            costs["floor_seconds"],
+            config.batch_size,
+            config.total_steps,
+            facts["model_flops_per_step"],
+            facts["devices"] * target.peak_flops,
+        ),
         **largest(compiled.as_text(), top, within=str(REPO / "embeddings")),
     }
 
@@ -285,6 +303,7 @@ def analyse(compiled, facts: dict, config, target: Target, top: int) -> dict:
 def report(r: dict) -> None:
     """The Markdown tables of one result."""
     gib = lambda b: f"{b / GIB:.2f} GiB"
+    rate = lambda value, spec: "none (no floor)" if value is None else format(value, spec)
     verdict = (
         f"fits, {gib(r['hbm_capacity_bytes'] - r['hbm_bytes'])} free"
         if r["fits"]
@@ -316,9 +335,12 @@ def report(r: dict) -> None:
             "cost-model floor per step (an estimate, not a measured time)",
             floor,
         ],
-        ["pairs/s at the floor", f"{r['pairs_per_second_at_floor']:,.0f}"],
-        [f"hours for total_steps={r['total_steps']:,} at the floor", f"{r['hours_at_floor']:.1f}"],
-        ["MFU at the floor (model FLOPs, real tokens)", f"{r['mfu_at_floor']:.1%}"],
+        ["pairs/s at the floor", rate(r["pairs_per_second_at_floor"], ",.0f")],
+        [
+            f"hours for total_steps={r['total_steps']:,} at the floor",
+            rate(r["hours_at_floor"], ".1f"),
+        ],
+        ["MFU at the floor (model FLOPs, real tokens)", rate(r["mfu_at_floor"], ".1%")],
     ]
     print("| per core | value |\n|---|---|")
     for name, value in rows:

@@ -36,6 +36,18 @@ def topology():
         pytest.skip(f"libtpu cannot describe a TPU here ({type(error).__name__}: {error})"[:300])
 
 
+def test_rates_at_the_floor_by_hand_and_none_without_a_floor():
+    """50 ms a step of 1,024 pairs: 20,480 pairs/s; 100,000 steps: 1.39 h; 2 TFLOP of
+    model FLOPs over 8 cores of 123 TFLOP/s: 2e12 / 0.05 / 984e12 = 4.07%. A floor
+    <= 0 (the v4/v5e cost model's negative values) is no floor: no rates."""
+    r = tpu_compile.rates_at_floor(0.05, 1024, 100_000, 2e12, 8 * 123e12)
+    assert r["pairs_per_second_at_floor"] == pytest.approx(20_480)
+    assert r["hours_at_floor"] == pytest.approx(100_000 * 0.05 / 3600)
+    assert r["mfu_at_floor"] == pytest.approx(0.0406504, rel=1e-5)
+    for floor in (0.0, -148.0):
+        assert set(tpu_compile.rates_at_floor(floor, 1024, 100_000, 2e12, 1e15).values()) == {None}
+
+
 def test_a_hand_written_matmul_is_costed_per_core(topology):
     """FLOPs, bytes and buffers of `a @ b` with a's rows split over 8 v3 cores,
     counted by hand: each core multiplies 128 x 2048 by 2048 x 512."""
