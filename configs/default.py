@@ -44,7 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
         dict(
             # Groups per global batch, each group from one dataset (the 1B recipe: 2, hard
             # in-batch negatives). = batch_size draws rows independently, as
-            # sentence-transformers' sampler does: on the quickstart +0.0075 Debian MRR@10
+            # sentence-transformers' sampler does: on the quickstart +0.010 Debian MRR@10
             # and -0.006 STS-B (bench/README.md, Quality).
             datasets_per_batch=2,
             max_length_anchor=128,  # token limit for column 0 (query/anchor)
