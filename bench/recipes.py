@@ -45,6 +45,7 @@ from bench import _timing, _trainers, quality
 SETTINGS = ("in-batch", "mined", "mined+gist")
 DEBIAN = "debian/"  # data config names of the Debian training sections start with this
 GIST_SCALE = 100.0  # sentence-transformers' GISTEmbedLoss temperature 0.01
+PREPARED = "prepared.json"  # the summary of a prepared data folder, for --data
 
 
 def _read_pairs(path: pathlib.Path) -> list[tuple[str, str]]:
@@ -63,9 +64,14 @@ def _link_sources(entries: list[dict], source: pathlib.Path, folder: pathlib.Pat
 def prepare_data(config, folder: pathlib.Path, args) -> dict[str, dict]:
     """The data of (a) and (b): data configs and folders, and the one mining pass.
 
+    The summary is written to `folder`/prepared.json, so a later invocation can
+    reuse the mined data (`--data`) instead of mining again.
+
     Returns:
-      setting -> {"data_config": path, "data_folder": path, "mining_seconds": ...}.
+      setting -> {"data_config": path, "data_folder": path, "mining_seconds": ...},
+      and "mined_rows", "pairs".
     """
+    folder = folder.resolve()  # prepared.json's paths hold from any working directory
     source = _trainers.REPO / config.data_folder
     entries = json.loads((_trainers.REPO / config.data_config).read_text())
     debian = [e for e in entries if e["name"].startswith(DEBIAN)]
@@ -124,12 +130,37 @@ def prepare_data(config, folder: pathlib.Path, args) -> dict[str, dict]:
     (mined / "data_config.json").write_text(json.dumps(mined_entries + others, indent=1))
     _link_sources(others, source, mined / "data")
     common = {"mining_seconds": mining_seconds}
-    return {
-        "in-batch": dict(common, data_config=plain / "data_config.json", data_folder=plain),
-        "mined": dict(common, data_config=mined / "data_config.json", data_folder=mined / "data"),
+    data = {
+        "in-batch": dict(
+            common, data_config=str(plain / "data_config.json"), data_folder=str(plain)
+        ),
+        "mined": dict(
+            common, data_config=str(mined / "data_config.json"), data_folder=str(mined / "data")
+        ),
         "mined_rows": sum(len(rows) for rows in by_section.values()),
         "pairs": len(section_of),
     }
+    (folder / PREPARED).write_text(json.dumps(data, indent=1))
+    return data
+
+
+def reuse_data(folder: pathlib.Path) -> dict:
+    """The data an earlier invocation prepared in `folder` (its prepared.json)."""
+    summary = folder / PREPARED
+    if not summary.is_file():
+        raise SystemExit(
+            f"--data {folder}: no {PREPARED} there. Point it at the data/ folder of an earlier "
+            "`bench/recipes.py --output DIR` run (DIR/data), or leave --data out to mine again."
+        )
+    data = json.loads(summary.read_text())
+    for setting in ("in-batch", "mined"):
+        for key in ("data_config", "data_folder"):
+            if not pathlib.Path(data[setting][key]).exists():
+                raise SystemExit(
+                    f"--data {folder}: {summary} names {data[setting][key]} ({setting} {key}), "
+                    "which is gone; mine again (leave --data out)."
+                )
+    return data
 
 
 def overrides(setting: str, data: dict, init: str) -> tuple[str, ...]:
@@ -153,7 +184,15 @@ def main() -> None:
     parser.add_argument("--config", default="configs/quickstart.py", help="the base recipe")
     parser.add_argument("--steps", type=int, default=None, help="default: the config's")
     parser.add_argument("--batch_size", type=int, default=None, help="default: the config's")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 for each setting")
+    parser.add_argument("--seeds", type=int, default=3, help="N seeds for each setting")
+    parser.add_argument(
+        "--first_seed", type=int, default=0, help="seeds first_seed..first_seed+N-1"
+    )
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="reuse the mined data of an earlier --output DIR run (DIR/data) instead of mining",
+    )
     parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated")
     parser.add_argument(
         "--sections", type=int, default=0, help="only the first N Debian sections (0 = all)"
@@ -183,10 +222,14 @@ def main() -> None:
     init = config.model.init
     runs = []
     with _timing.output_folder(args.output, "recipes-") as folder:
-        data = prepare_data(config, folder / "data", args)
+        if args.data:
+            data = reuse_data(pathlib.Path(args.data))
+        else:
+            data = prepare_data(config, folder / "data", args)
         start, _ = quality._evaluate_in_process(init, args)
         # Settings alternate within each seed, so load on the machine hits them alike.
-        for seed in range(args.seeds):
+        seeds = range(args.first_seed, args.first_seed + args.seeds)
+        for seed in seeds:
             for setting in settings:
                 recipe = _trainers.Recipe(
                     config=args.config,
@@ -216,7 +259,7 @@ def main() -> None:
         for s in settings
     }
     print(
-        f"Recipes after {steps} steps of {args.config} (batch {batch_size}), {args.seeds} seed(s); "
+        f"Recipes after {steps} steps of {args.config} (batch {batch_size}), seeds {list(seeds)}; "
         f"{data['mined_rows']} mined rows from {data['pairs']} Debian pairs in "
         f"{data['in-batch']['mining_seconds']:.0f} s; start: MRR@10 "
         f"{start['debian_mrr@10']:.4f}, STS-B {start['stsb_spearman']:.4f}"
@@ -237,7 +280,8 @@ def main() -> None:
                 config=args.config,
                 steps=steps,
                 batch_size=batch_size,
-                seeds=args.seeds,
+                seeds=list(seeds),
+                reused_data=args.data,
                 mine_options=args.mine_option,
                 gist_scale=GIST_SCALE,
                 mined_rows=data["mined_rows"],

@@ -89,3 +89,20 @@ def test_recipes_bench(tmp_path):
     assert len(rows) == r["mined_rows"] > 0
     for query, positive, *negatives in rows:
         assert (query, positive) in training and len(negatives) == 3  # the script's default
+
+    # A later invocation reuses the mined data (--data) for more seeds instead of mining again.
+    again = tmp_path / "again"
+    command = [
+        sys.executable, str(REPO / "bench/recipes.py"), "--config", str(config), "--steps", "2",
+        "--seeds", "1", "--first_seed", "1", "--settings", "mined", "--batch_size", "8",
+        "--data", str(output / "data"), "--eval_queries", "20", "--sts_pairs", "40",
+        "--eval_max_seq_length", "32", "--output", str(again), "--json",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    r2 = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [(x["setting"], x["seed"]) for x in r2["runs"]] == [("mined", 1)]
+    assert r2["mined_rows"] == r["mined_rows"] and not (again / "data").exists()
+    config_1 = json.loads((again / "mined-1/workdir/config.json").read_text())
+    assert config_1["data_config"] == str((output / "data/mined/data_config.json").resolve())
+    assert config_1["seed"] == 1
