@@ -1,7 +1,7 @@
 """Do today's recipes help? In-batch negatives vs + mined hard negatives vs + GIST (issue 20.6).
 
 From the quickstart's model, steps and batch (configs/quickstart.py:
-all-MiniLM-L6-v2 on the bundled Debian + STS mix), for seeds 0..N-1:
+all-MiniLM-L6-v2 on the bundled Debian + STS mix), for N seeds from --first_seed (0):
 
   (a) "in-batch": the recipe as it is (in-batch negatives only);
   (b) "mined": the Debian sections replaced by the same sections with hard
@@ -24,7 +24,8 @@ STS-B test), as is the starting model. Prints the mean and spread of each
 metric per setting and each run's wall time; `--json` prints one JSON object
 last.
 
-    python bench/recipes.py --seeds 3 --json
+    python bench/recipes.py --seeds 3 --output DIR --json
+    python bench/recipes.py --seeds 2 --first_seed 3 --data DIR/data --json  # more seeds, no mining
     python bench/recipes.py --config configs/tiny.py --steps 2 --seeds 1 --sections 2  # smoke
 """
 
@@ -215,6 +216,10 @@ def main() -> None:
     unknown = sorted(set(settings) - set(SETTINGS))
     if unknown:
         parser.error(f"unknown settings {unknown}; choose from {SETTINGS}")
+    if args.data and (args.sections or args.mine_option):
+        parser.error(
+            "--data reuses rows already mined: --sections and --mine_option would be ignored"
+        )
 
     config = _trainers.our_config(args.config)
     steps = args.steps or config.total_steps

@@ -106,3 +106,13 @@ def test_recipes_bench(tmp_path):
     config_1 = json.loads((again / "mined-1/workdir/config.json").read_text())
     assert config_1["data_config"] == str((output / "data/mined/data_config.json").resolve())
     assert config_1["seed"] == 1
+
+
+def test_recipes_bench_refuses_mining_options_with_reused_data(tmp_path):
+    command = [
+        sys.executable, str(REPO / "bench/recipes.py"), "--data", str(tmp_path),
+        "--mine_option=--range_min=10", "--output", str(tmp_path / "out"),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 2 and "--mine_option would be ignored" in result.stderr
+    assert not (tmp_path / "out").exists()
