@@ -12,6 +12,10 @@ All local devices are used. On a multi-host TPU slice every worker runs the same
 command (scripts/tpu_vm.sh run does this) and JAX's distributed runtime is
 started automatically; elsewhere pass --coordinator_address, --num_processes
 and --process_id to every process.
+
+--compilation_cache_dir=DIR keeps the compiled steps (one per batch shape) in
+DIR, so running the same config again, or resuming it, loads them instead of
+compiling (quickstart: ~19% less CPU time over 60 steps, bench/README.md).
 """
 
 import os
@@ -29,6 +33,13 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (from 0).")
+_COMPILATION_CACHE_DIR = flags.DEFINE_string(
+    "compilation_cache_dir",
+    None,
+    "Folder (local or gs://) of JAX's persistent compilation cache: a rerun or a resumed "
+    "run with the same config loads its compiled steps from it instead of compiling them "
+    "again. Unset: the JAX_COMPILATION_CACHE_DIR environment variable's, else no cache.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -37,11 +48,19 @@ def _is_multihost_tpu() -> bool:
     return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
 
 
+def _local_or_remote(path: str) -> str:
+    """`path` with a leading ~ expanded, unless it is a URL such as gs://."""
+    return path if "://" in path else os.path.expanduser(path)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     import jax
 
+    if _COMPILATION_CACHE_DIR.value:  # before the first compilation
+        cache_dir = _local_or_remote(_COMPILATION_CACHE_DIR.value)
+        jax.config.update("jax_compilation_cache_dir", cache_dir)
     if _COORDINATOR.value:
         jax.distributed.initialize(
             coordinator_address=_COORDINATOR.value,

@@ -340,3 +340,29 @@ def test_the_step_compiles_once_per_batch_shape(tmp_path, pack_levels):
     assert compiled == len(expected), (compiled, expected)
     if pack_levels == 2:
         assert len(expected) < len(_expected_step_shapes(steps, 8, devices=2))
+
+
+def test_compilation_cache_dir_serves_a_rerun_without_compiling(tmp_path):
+    """--compilation_cache_dir: the first run writes each compiled step there, and a
+    second run of the same config in another workdir loads every one of them."""
+    env = dict(_env(), JAX_LOG_COMPILES="1", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    cache = tmp_path / "cache"
+
+    def run(name):
+        command = _command(tmp_path / name, "--config.total_steps=3")
+        proc = subprocess.run(
+            [*command, f"--compilation_cache_dir={cache}"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stderr
+
+    first = run("first")
+    compiled = first.count("Finished XLA compilation of jit(train_step)")
+    assert compiled >= 1
+    assert len(list(cache.glob("jit_train_step-*"))) == compiled
+    second = run("second")
+    assert second.count("Persistent compilation cache hit for 'jit_train_step'") == compiled
