@@ -21,6 +21,12 @@ TARGETS; multi-host slices too). It prints, per TPU core (one JAX device):
 - The largest ops by bytes (each op's operands and result, once) with the line
   of model code that built them (`tools/hlo_trace.py`'s attribution).
 
+A step with loops (GradCache's chunk loops: `grad_cache_chunk`) is costed
+one iteration per loop: XLA's cost analysis counts a while loop's body once,
+not once per trip (`tests/test_tpu_compile.py` checks it). Its FLOPs, bytes
+and floor are then those of one chunk, not of the step, so the report says so
+and gives no rates; its memory is exact as always.
+
 --lengths full (default) fills every text to its column's token limit
 (`data.max_length_anchor`, `data.max_length_document`): the longest batch the
 pipeline can produce, the one memory must hold. --lengths debian takes the
@@ -40,6 +46,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import sys
 
 if __name__ == "__main__":  # before JAX starts
@@ -244,9 +251,15 @@ def compile_for(config, target: Target, lengths: str = "full") -> tuple[object, 
     return compiled, facts
 
 
+def loop_count(compiled_text: str) -> int:
+    """While loops in an optimised HLO text (the cost model counts each body once)."""
+    return len(re.findall(r"\swhile\(", compiled_text))
+
+
 def step_costs(compiled, hbm_gib: float) -> dict:
     """Per core: the buffers the runtime allocates (exact) and the cost model's
-    FLOPs, bytes accessed and floor (estimates) of a compiled program."""
+    FLOPs, bytes accessed and floor (estimates) of a compiled program, with the
+    number of while loops whose bodies those estimates count only once."""
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
@@ -263,6 +276,7 @@ def step_costs(compiled, hbm_gib: float) -> dict:
         "flops": float(cost["flops"]),
         "bytes_accessed": float(cost["bytes accessed"]),
         "floor_seconds": float(cost["optimal_seconds"]),
+        "loops": loop_count(compiled.as_text()),
     }
 
 
@@ -290,7 +304,8 @@ def analyse(compiled, facts: dict, config, target: Target, top: int) -> dict:
         **facts,
         **costs,
         **rates_at_floor(
-            costs["floor_seconds"],
+            # With loops the floor is one iteration's, not the step's: no rates.
+            -1.0 if costs["loops"] else costs["floor_seconds"],
             config.batch_size,
             config.total_steps,
             facts["model_flops_per_step"],
@@ -303,7 +318,7 @@ def analyse(compiled, facts: dict, config, target: Target, top: int) -> dict:
 def report(r: dict) -> None:
     """The Markdown tables of one result."""
     gib = lambda b: f"{b / GIB:.2f} GiB"
-    rate = lambda value, spec: "none (no floor)" if value is None else format(value, spec)
+    rate = lambda value, spec: "none (no step floor)" if value is None else format(value, spec)
     verdict = (
         f"fits, {gib(r['hbm_capacity_bytes'] - r['hbm_bytes'])} free"
         if r["fits"]
@@ -318,6 +333,12 @@ def report(r: dict) -> None:
     floor = f"{r['floor_seconds'] * 1e3:.1f} ms"
     if r["floor_seconds"] <= 0:  # seen on v4 and v5e: some op without a cost
         floor = f"none: the cost model returned {r['floor_seconds']:.3g} s (not a time)"
+    elif r["loops"]:  # GradCache's chunk loops: each body costed once
+        floor = (
+            f"none for the step: {r['floor_seconds'] * 1e3:.1f} ms counts each of its "
+            f"{r['loops']} loop bodies once (one chunk), not once per iteration"
+        )
+    per_step = " (one iteration of each loop)" if r["loops"] else ""
     rows = [
         [
             "HBM per core (args + temp + outputs not donated; exact)",
@@ -329,8 +350,8 @@ def report(r: dict) -> None:
                 gib(r[k]) for k in ("argument_bytes", "temp_bytes", "unaliased_output_bytes")
             ),
         ],
-        ["TFLOP per core per step (compiler)", f"{r['flops'] / 1e12:.3f}"],
-        ["GB accessed per core per step (compiler)", f"{r['bytes_accessed'] / 1e9:.2f}"],
+        ["TFLOP per core per step (compiler)", f"{r['flops'] / 1e12:.3f}{per_step}"],
+        ["GB accessed per core per step (compiler)", f"{r['bytes_accessed'] / 1e9:.2f}{per_step}"],
         [
             "cost-model floor per step (an estimate, not a measured time)",
             floor,

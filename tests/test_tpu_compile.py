@@ -79,6 +79,52 @@ def test_a_hand_written_matmul_is_costed_per_core(topology):
     assert "test_tpu_compile.py:" in first["source"] and "matmul" in first["source"]
 
 
+def test_a_loop_is_costed_once_so_its_step_gets_no_rates(topology, capsys):
+    """XLA's cost analysis counts a while loop's body once, not once per trip: 16
+    chained matmuls in a fori_loop cost what one does (counted by hand). So a step
+    with loops (GradCache's chunks) gets its loops counted and no rates at its floor."""
+    devices = np.asarray(topology.devices)
+    mesh = jax.sharding.Mesh(devices, ("rows",))
+    a = jax.ShapeDtypeStruct((1024, 512), jnp.bfloat16, sharding=NamedSharding(mesh, P("rows")))
+    b = jax.ShapeDtypeStruct((512, 512), jnp.bfloat16, sharding=NamedSharding(mesh, P()))
+    one_matmul = 2 * (1024 // 8) * 512 * 512
+
+    def once(a, b):
+        return jnp.tanh(a @ b)
+
+    def sixteen(a, b):
+        return jax.lax.fori_loop(0, 16, lambda i, x: jnp.tanh(x @ b), a)
+
+    plain = tpu_compile.step_costs(jax.jit(once).lower(a, b).compile(), hbm_gib=16)
+    looped_program = jax.jit(sixteen).lower(a, b).compile()
+    looped = tpu_compile.step_costs(looped_program, hbm_gib=16)
+    assert plain["loops"] == 0 and looped["loops"] == 1
+    assert one_matmul <= plain["flops"] < 1.01 * one_matmul
+    assert looped["flops"] < 1.01 * one_matmul  # not 16x: the body is counted once
+
+    config = tiny.get_config()
+    target = tpu_compile.TARGETS["tpu-v3-8"]
+    facts = dict(
+        model_flops_per_step=16 * one_matmul * 8,
+        devices=8,
+        device_kind="TPU v3",
+        hosts=1,
+        mesh={"rows": 8},
+        lengths=[512],
+        padding_share=0.0,
+    )
+    r = tpu_compile.analyse(looped_program, facts, config, target, top=3)
+    assert r["floor_seconds"] > 0 and r["loops"] == 1
+    rates = ("pairs_per_second_at_floor", "hours_at_floor", "mfu_at_floor")
+    assert {r[k] for k in rates} == {None}
+    r.update(config="sixteen", target="tpu-v3-8", batch_size=1024, total_steps=1)
+    r.update(dtype="bfloat16", lengths_mode="full", jax_version=jax.__version__)
+    tpu_compile.report(r)
+    printed = capsys.readouterr().out
+    assert "counts each of its 1 loop bodies once" in printed
+    assert "(one iteration of each loop)" in printed
+
+
 def _params_count(config) -> int:
     from embeddings.model_setup import build_model
 
