@@ -48,18 +48,13 @@ def _is_multihost_tpu() -> bool:
     return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
 
 
-def _local_or_remote(path: str) -> str:
-    """`path` with a leading ~ expanded, unless it is a URL such as gs://."""
-    return path if "://" in path else os.path.expanduser(path)
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     import jax
 
     if _COMPILATION_CACHE_DIR.value:  # before the first compilation
-        cache_dir = _local_or_remote(_COMPILATION_CACHE_DIR.value)
+        cache_dir = os.path.expanduser(_COMPILATION_CACHE_DIR.value)  # gs://... unchanged
         jax.config.update("jax_compilation_cache_dir", cache_dir)
     if _COORDINATOR.value:
         jax.distributed.initialize(
