@@ -545,3 +545,29 @@ def test_build_pipeline_names_missing_keys():
 def test_bad_settings_fail_at_start_up(tmp_path, setting, message):
     with pytest.raises(ValueError, match=message):
         make_pipeline(tmp_path, [(synthetic_rows(0, 10), 1, {})], **setting)
+
+
+@pytest.mark.parametrize("skip_duplicates", [True, False])
+def test_skipping_duplicates_leaves_the_false_negative_mask_nothing_to_remove(skip_duplicates):
+    """Issue 24's masking ablation, by construction: on the quickstart's own stream (its config,
+    data and tokenizer, all 250 batches), the mixer's duplicate skipping means the loss's
+    false-negative mask keeps every logit, so `loss.mask_false_negatives` cannot change a
+    one-process run. Without skipping, the same stream repeats texts and the mask has work."""
+    from transformers import AutoTokenizer
+
+    from configs import quickstart
+    from embeddings.losses import _false_negative_keep_masks
+
+    config = quickstart.get_config()
+    config.data_folder = str(REPO / "data")
+    config.data.skip_duplicates = skip_duplicates
+    pipeline = build_pipeline(config, AutoTokenizer.from_pretrained(config.model.init))
+    removed = 0
+    try:
+        for _ in range(config.total_steps):
+            hashes = next(pipeline)["text_hash"]
+            keep_forward, keep_backward = _false_negative_keep_masks(hashes[:, 0], hashes[:, 1:])
+            removed += int((~np.asarray(keep_forward)).sum() + (~np.asarray(keep_backward)).sum())
+    finally:
+        pipeline.close()
+    assert (removed == 0) == skip_duplicates, removed
