@@ -204,6 +204,13 @@ def main() -> None:
         default=[],
         help="extra mine_hard_negatives.py flag (repeat), e.g. --mine_option=--range_min=10",
     )
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        help="--config.KEY=VALUE for every setting (repeat), e.g. "
+        "--override=--config.data.datasets_per_batch=2",
+    )
     parser.add_argument("--eval_queries", type=int, default=0, help="Debian queries (0 = all)")
     parser.add_argument("--sts_pairs", type=int, default=0, help="STS-B test pairs (0 = all)")
     parser.add_argument(
@@ -241,7 +248,7 @@ def main() -> None:
                     steps=steps,
                     batch_size=batch_size,
                     seed=seed,
-                    overrides=overrides(setting, data, init),
+                    overrides=overrides(setting, data, init) + tuple(args.override),
                     log_every=max(1, steps // 10),
                 )
                 out = folder / f"{setting}-{seed}"

@@ -97,6 +97,7 @@ def test_recipes_bench(tmp_path):
         "--seeds", "1", "--first_seed", "1", "--settings", "mined", "--batch_size", "8",
         "--data", str(output / "data"), "--eval_queries", "20", "--sts_pairs", "40",
         "--eval_max_seq_length", "32", "--output", str(again), "--json",
+        "--override=--config.data.datasets_per_batch=1",
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
@@ -106,6 +107,8 @@ def test_recipes_bench(tmp_path):
     config_1 = json.loads((again / "mined-1/workdir/config.json").read_text())
     assert config_1["data_config"] == str((output / "data/mined/data_config.json").resolve())
     assert config_1["seed"] == 1
+    assert configs["mined"]["data"]["datasets_per_batch"] != 1  # --override reached the run
+    assert config_1["data"]["datasets_per_batch"] == 1
 
 
 def test_recipes_bench_refuses_mining_options_with_reused_data(tmp_path):
