@@ -30,8 +30,8 @@ def packaged_minilm() -> str:
 def get_config():
     config = default.get_config()
     config.model.init = packaged_minilm()
-    # Sized for a 2-core CPU: about 1 step/s, so training takes ~5 minutes and each
-    # evaluation (STS-benchmark test, Debian retrieval dev) about 1.5 minutes.
+    # Sized for a 2-core CPU: about 0.7 steps/s, so training takes ~6.5 minutes and each
+    # evaluation (STS-benchmark test, Debian retrieval dev) about 1.3 minutes (README.md).
     config.total_steps = 250
     config.batch_size = 32
     config.log_every = 25
