@@ -256,13 +256,32 @@ def loop_count(compiled_text: str) -> int:
     return len(re.findall(r"\swhile\(", compiled_text))
 
 
+# Ops XLA's TPU cost model prices at -1 s, its "no estimate" value: the
+# layout-only concatenation v4 and v5e emit for an embedding table's update
+# (`tests/test_tpu_compile.py` checks it on such an update, whose floor without the op
+# is known). v3, v5p and v6e do not emit it.
+UNPRICED_OPS = ("ConcatBitcast",)
+
+
+def unpriced_ops(compiled_text: str) -> int:
+    """Ops of an optimised HLO text that the cost model prices at -1 s each."""
+    return sum(compiled_text.count(f'custom_call_target="{op}"') for op in UNPRICED_OPS)
+
+
 def step_costs(compiled, hbm_gib: float) -> dict:
     """Per core: the buffers the runtime allocates (exact) and the cost model's
     FLOPs, bytes accessed and floor (estimates) of a compiled program, with the
-    number of while loops whose bodies those estimates count only once."""
+    number of while loops whose bodies those estimates count only once.
+
+    The floor adds back the -1 s the cost model gives each `UNPRICED_OPS` op
+    (`cost_model_seconds` is its sum as returned): on v4 and v5e every step that
+    updates an embedding table has such ops, and their sum alone is negative.
+    """
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
+    text = compiled.as_text()
+    unpriced = unpriced_ops(text)
     unaliased_out = memory.output_size_in_bytes - memory.alias_size_in_bytes
     hbm = memory.argument_size_in_bytes + memory.temp_size_in_bytes + unaliased_out
     return {
@@ -275,8 +294,10 @@ def step_costs(compiled, hbm_gib: float) -> dict:
         "fits": hbm <= hbm_gib * GIB,
         "flops": float(cost["flops"]),
         "bytes_accessed": float(cost["bytes accessed"]),
-        "floor_seconds": float(cost["optimal_seconds"]),
-        "loops": loop_count(compiled.as_text()),
+        "cost_model_seconds": float(cost["optimal_seconds"]),
+        "unpriced_ops": unpriced,
+        "floor_seconds": float(cost["optimal_seconds"]) + unpriced,
+        "loops": loop_count(text),
     }
 
 
@@ -285,7 +306,8 @@ def rates_at_floor(
 ) -> dict:
     """Pairs/s, hours for `total_steps` and MFU if each step took `floor` seconds.
 
-    All None when the cost model gave no floor (a value <= 0, seen on v4 and v5e):
+    All None when the cost model gave no floor (a value <= 0: some op it could not
+    price that `UNPRICED_OPS` does not name):
     a rate computed from it would be a negative number, not an estimate.
     """
     if floor <= 0:
@@ -331,7 +353,12 @@ def report(r: dict) -> None:
         f"jax {r['jax_version']}\n"
     )
     floor = f"{r['floor_seconds'] * 1e3:.1f} ms"
-    if r["floor_seconds"] <= 0:  # seen on v4 and v5e: some op without a cost
+    if r["unpriced_ops"]:
+        floor += (
+            f" (the cost model's {r['cost_model_seconds']:.4g} s plus 1 s for each of "
+            f"{r['unpriced_ops']} ops it prices at -1 s: {', '.join(UNPRICED_OPS)})"
+        )
+    if r["floor_seconds"] <= 0:  # an op the cost model cannot price, not in UNPRICED_OPS
         floor = f"none: the cost model returned {r['floor_seconds']:.3g} s (not a time)"
     elif r["loops"]:  # GradCache's chunk loops: each body costed once
         floor = (

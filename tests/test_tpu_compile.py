@@ -125,6 +125,35 @@ def test_a_loop_is_costed_once_so_its_step_gets_no_rates(topology, capsys):
     assert "(one iteration of each loop)" in printed
 
 
+def test_an_embedding_update_on_a_v4_gets_its_floor_back(topology):
+    """On v4 (and v5e) XLA updates an embedding table through a ConcatBitcast op
+    that the cost model prices at -1 s, so its sum for the update is negative. The
+    floor adds the second back: the update's floor is then that of the gradient
+    alone (a program without the op) plus at most the elementwise update, and not
+    the -1 s the cost model returns."""
+    from jax.experimental import topologies
+
+    name = tpu_compile.TARGETS["tpu-v4-8"].topology
+    mesh = jax.sharding.Mesh(
+        np.asarray(topologies.get_topology_desc(topology_name=name, platform="tpu").devices),
+        ("rows",),
+    )
+    table = jax.ShapeDtypeStruct((30522, 32), jnp.float32, sharding=NamedSharding(mesh, P()))
+    ids = jax.ShapeDtypeStruct((512, 128), jnp.int32, sharding=NamedSharding(mesh, P("rows")))
+
+    def gradient(table, ids):
+        return jax.grad(lambda t: jnp.sum(jnp.take(t, ids, axis=0) ** 2))(table)
+
+    def update(table, ids):
+        return table - 0.1 * gradient(table, ids)
+
+    alone = tpu_compile.step_costs(jax.jit(gradient).lower(table, ids).compile(), hbm_gib=16)
+    updated = tpu_compile.step_costs(jax.jit(update).lower(table, ids).compile(), hbm_gib=16)
+    assert alone["unpriced_ops"] == 0 and alone["floor_seconds"] > 0
+    assert updated["unpriced_ops"] == 1 and updated["cost_model_seconds"] < -0.99
+    assert alone["floor_seconds"] <= updated["floor_seconds"] < 1.2 * alone["floor_seconds"]
+
+
 def _params_count(config) -> int:
     from embeddings.model_setup import build_model
 
