@@ -51,6 +51,9 @@ class Recipe:
       log_every: steps between our metric records (each record waits for its step).
       data_config: the data config of both sides (relative to the repository);
         "" = the config file's.
+      dropout: False turns every dropout off on both sides (ours
+        `model.dropout=False`; the reference's every `torch.nn.Dropout`, which
+        its attention's dropout probability is read from too).
     """
 
     config: str = "configs/quickstart.py"
@@ -61,6 +64,7 @@ class Recipe:
     overrides: tuple[str, ...] = ()
     log_every: int = 1
     data_config: str = ""
+    dropout: bool = True
 
 
 def our_config(path: str):
@@ -92,6 +96,7 @@ def _our_command(recipe: Recipe, workdir: pathlib.Path) -> list[str]:
         "--config.eval.retrieval_file=",
         "--config.best_metric=",
         *([f"--config.data_config={recipe.data_config}"] if recipe.data_config else []),
+        *([] if recipe.dropout else ["--config.model.dropout=False"]),
         *recipe.overrides,
     ]
 
@@ -248,6 +253,16 @@ def weighted_rows(config, count: int, seed: int) -> list[list[str]]:
     return out
 
 
+def turn_off_dropout(model) -> None:
+    """Sets every `torch.nn.Dropout` of `model` to p=0, as our `model.dropout=False`
+    (transformers' BERT attention takes its dropout probability from one too)."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
 def _st_worker(settings_path: str) -> None:
     import torch
     from datasets import Dataset
@@ -270,6 +285,8 @@ def _st_worker(settings_path: str) -> None:
     init = config.model.init
     model = SentenceTransformer(init, device="cpu")
     model.max_seq_length = recipe.max_seq_length
+    if not recipe.dropout:
+        turn_off_dropout(model)
     # NO_DUPLICATES moves a row whose text is already in the batch to a later batch,
     # so draw more rows than the steps consume.
     rows = weighted_rows(config, int(recipe.steps * recipe.batch_size * 1.5) + 64, recipe.seed)

@@ -15,6 +15,8 @@ mean and spread of each metric per trainer and each run's wall time.
     python bench/quality.py --steps 3 --seeds 1 --eval_queries 50   # smoke run
     # an ablation of ours (the reference runs unchanged):
     python bench/quality.py --ours_override=--config.data.datasets_per_batch=32
+    # both trainers without dropout (is a gain the recipe's or the trainer's?):
+    python bench/quality.py --no_dropout
 """
 
 from __future__ import annotations
@@ -169,6 +171,9 @@ def main() -> None:
         default=[],
         help="--config.KEY=VALUE for our runs only (repeat); for ablations",
     )
+    parser.add_argument(
+        "--no_dropout", action="store_true", help="both trainers with every dropout off"
+    )
     parser.add_argument("--eval_queries", type=int, default=0, help="Debian queries (0 = all)")
     parser.add_argument("--sts_pairs", type=int, default=0, help="STS-B test pairs (0 = all)")
     parser.add_argument(
@@ -204,6 +209,7 @@ def main() -> None:
                     max_seq_length=args.max_seq_length,
                     overrides=tuple(args.ours_override) if side == "ours" else (),
                     log_every=max(1, args.steps // 10),
+                    dropout=not args.no_dropout,
                 )
                 out = folder / f"{side}-{seed}"
                 result = _trainers.run(side, recipe, out)
@@ -227,7 +233,8 @@ def main() -> None:
         for side in sides
     }
     print(
-        f"Quality after {args.steps} steps of {args.config}, {args.seeds} seed(s) per trainer; "
+        f"Quality after {args.steps} steps of {args.config}, {args.seeds} seed(s) per trainer"
+        f"{', every dropout off on both sides' if args.no_dropout else ''}; "
         f"start: MRR@10 {start['debian_mrr@10']:.4f}, STS-B {start['stsb_spearman']:.4f}"
     )
     rows = [
@@ -246,6 +253,7 @@ def main() -> None:
                 first_seed=args.first_seed,
                 config=args.config,
                 ours_overrides=args.ours_override,
+                dropout=not args.no_dropout,
                 start=start,
                 summary=summary,
                 runs=runs,

@@ -149,3 +149,29 @@ def test_step_shapes_counts_the_shapes_and_tokens_of_the_batches():
         assert column["dense_rows"] == pytest.approx(dense[c] / steps)
         assert column["real"] <= column["dense_rows"] <= column["bucket_padded"]
         assert column["real"] <= column["longest_padded"] <= column["bucket_padded"]
+
+
+def test_the_reference_without_dropout_embeds_in_training_mode_as_in_evaluation(tmp_path):
+    """bench/quality.py --no_dropout: sentence-transformers' model in training mode
+    (dropout active) embeds a batch differently on every call; after
+    `turn_off_dropout` it embeds it exactly as in evaluation mode."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from bench import _trainers
+
+    model = SentenceTransformer(str(make_tiny_sentence_transformer("bert", tmp_path)), device="cpu")
+    features = model.tokenize(["a first sentence to embed", "and another, longer one"])
+
+    def embed():
+        with torch.no_grad():
+            return model(dict(features))["sentence_embedding"]
+
+    model.eval()
+    evaluation = embed()
+    model.train()
+    torch.manual_seed(0)
+    assert not torch.allclose(embed(), evaluation)
+    _trainers.turn_off_dropout(model)
+    assert model.training
+    torch.testing.assert_close(embed(), evaluation, rtol=0, atol=0)
