@@ -251,6 +251,26 @@ def compile_for(config, target: Target, lengths: str = "full") -> tuple[object, 
     return compiled, facts
 
 
+_OUT_OF_HBM = re.compile(
+    r"RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+    r"temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)"
+)
+
+
+def out_of_hbm(error: Exception) -> dict | None:
+    """The temporaries XLA's TPU compiler needed and the HBM it had, per core, in
+    bytes, when it refused to compile a program that does not fit; else None.
+
+    The compiler rematerialises what it can before it gives up, so memory
+    stays near the core's HBM as a batch grows, until this error.
+    """
+    match = _OUT_OF_HBM.search(str(error))
+    if match is None:
+        return None
+    needed, available = (float(g) * GIB for g in match.groups())
+    return {"fits": False, "needed_temp_bytes": needed, "available_bytes": available}
+
+
 def loop_count(compiled_text: str) -> int:
     """While loops in an optimised HLO text (the cost model counts each body once)."""
     return len(re.findall(r"\swhile\(", compiled_text))
@@ -411,7 +431,6 @@ def main(argv) -> None:
     if _RANDOM_INIT.value:
         random_init(config)
     target = TARGETS[_TARGET.value]
-    compiled, facts = compile_for(config, target, _LENGTHS.value)
     r = {
         "benchmark": "compile",
         "config": flags.FLAGS["config"].config_filename,
@@ -423,8 +442,26 @@ def main(argv) -> None:
         "lengths_mode": _LENGTHS.value,
         "random_init": _RANDOM_INIT.value,
         "jax_version": jax.__version__,
-        **analyse(compiled, facts, config, target, _TOP.value),
     }
+    try:
+        compiled, facts = compile_for(config, target, _LENGTHS.value)
+    except jax.errors.JaxRuntimeError as error:
+        refused = out_of_hbm(error)
+        if refused is None:
+            raise
+        r.update(refused)
+        print(
+            f"{r['config']} on {r['target']}, global batch {r['batch_size']}, {r['dtype']}: "
+            f"does NOT fit. XLA's TPU compiler needs {refused['needed_temp_bytes'] / GIB:.2f} "
+            f"GiB of temporaries per core and has {refused['available_bytes'] / GIB:.2f} GiB "
+            "(after rematerialising what it could). Lower config.batch_size, or set "
+            "config.model.remat=True or config.grad_cache_chunk (the memory then follows "
+            "the chunk, not the batch)."
+        )
+        if _JSON.value:
+            print(json.dumps(r))
+        return
+    r.update(analyse(compiled, facts, config, target, _TOP.value))
     report(r)
     if _HLO.value:
         pathlib.Path(_HLO.value).write_text(compiled.as_text())

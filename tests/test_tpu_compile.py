@@ -154,6 +154,26 @@ def test_an_embedding_update_on_a_v4_gets_its_floor_back(topology):
     assert alone["floor_seconds"] <= updated["floor_seconds"] < 1.2 * alone["floor_seconds"]
 
 
+def test_a_program_too_big_for_a_v3_core_is_reported_with_what_it_needs(topology):
+    """XLA's TPU compiler refuses a program whose temporaries exceed a core's HBM;
+    `out_of_hbm` reads what it needed and had from the refusal. Sorting the 70,000
+    x 70,000 float32 product needs it twice (sort's operand and its result):
+    2 x 70,000**2 x 4 bytes, counted by hand, against a v3 core's 16 GiB."""
+    mesh = jax.sharding.Mesh(np.asarray(topology.devices), ("rows",))
+    x = jax.ShapeDtypeStruct((70_000, 128), jnp.float32, sharding=NamedSharding(mesh, P()))
+
+    def too_big(x):
+        return jnp.sort(x @ x.T, axis=0)[:8]
+
+    with pytest.raises(jax.errors.JaxRuntimeError) as refusal:
+        jax.jit(too_big).lower(x).compile()
+    r = tpu_compile.out_of_hbm(refusal.value)
+    assert r is not None and r["fits"] is False
+    assert r["needed_temp_bytes"] == pytest.approx(2 * 70_000**2 * 4, rel=0.01)
+    assert 15 * 2**30 < r["available_bytes"] <= 16 * 2**30
+    assert tpu_compile.out_of_hbm(ValueError("INVALID_ARGUMENT: something else")) is None
+
+
 def _params_count(config) -> int:
     from embeddings.model_setup import build_model
 
