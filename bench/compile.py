@@ -13,9 +13,12 @@ TARGETS; multi-host slices too). It prints, per TPU core (one JAX device):
 
 - HBM: arguments + temporaries + outputs not aliased to (donated) arguments,
   from `compiled.memory_analysis()`, against the core's HBM. **Exact**: the
-  runtime allocates these buffers.
+  runtime allocates these buffers. A step the compiler cannot fit (after
+  rematerialising what it could) is reported as "does NOT fit", with the
+  temporaries it needed, instead of a traceback.
 - FLOPs and bytes accessed, and the cost model's `optimal_seconds`: **the
-  compiler's estimate of the step's floor, not a measured time**. From it,
+  compiler's estimate of the step's floor, not a measured time** (plus 1 s
+  for each op it prices at -1 s, `UNPRICED_OPS`: v4 and v5e). From it,
   pairs/s, hours for `total_steps`, and the MFU at that floor (model FLOPs of
   `embeddings/flops.py`, real tokens only, over the cores' bf16 peak).
 - The largest ops by bytes (each op's operands and result, once) with the line
