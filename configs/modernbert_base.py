@@ -30,8 +30,8 @@ def get_config():
     config.data_config = "configs/data/1b_pairs.json"
     config.data.workers = 8  # as configs/minilm_l6.py: tokenizing keeps up with the TPU
     config.total_steps = 100_000
-    # Without rematerialisation the float32 step at 128 pairs per core needs 16.88 GB of
-    # temporaries per TPU v3 core, over its 15.48 GB (bench/compile.py; bench/README.md).
+    # Without rematerialisation the float32 step at 128 pairs per core needs 16.88 GiB of
+    # temporaries per TPU v3 core, over its 15.48 GiB (bench/compile.py; bench/README.md).
     config.model.remat = True
     config.best_metric = "eval/sts/spearman_cosine"
     return config
