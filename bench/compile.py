@@ -291,7 +291,7 @@ def unpriced_ops(compiled_text: str) -> int:
     return sum(compiled_text.count(f'custom_call_target="{op}"') for op in UNPRICED_OPS)
 
 
-def step_costs(compiled, hbm_gib: float) -> dict:
+def step_costs(compiled, hbm_gib: float, text: str | None = None) -> dict:
     """Per core: the buffers the runtime allocates (exact) and the cost model's
     FLOPs, bytes accessed and floor (estimates) of a compiled program, with the
     number of while loops whose bodies those estimates count only once.
@@ -299,11 +299,12 @@ def step_costs(compiled, hbm_gib: float) -> dict:
     The floor adds back the -1 s the cost model gives each `UNPRICED_OPS` op
     (`cost_model_seconds` is its sum as returned): on v4 and v5e every step that
     updates an embedding table has such ops, and their sum alone is negative.
+    `text`: the program's `compiled.as_text()`, when the caller has it already.
     """
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
-    text = compiled.as_text()
+    text = compiled.as_text() if text is None else text
     unpriced = unpriced_ops(text)
     unaliased_out = memory.output_size_in_bytes - memory.alias_size_in_bytes
     hbm = memory.argument_size_in_bytes + memory.temp_size_in_bytes + unaliased_out
@@ -344,7 +345,8 @@ def rates_at_floor(
 
 def analyse(compiled, facts: dict, config, target: Target, top: int) -> dict:
     """Memory, cost model, rates at the floor and largest ops of a compiled step."""
-    costs = step_costs(compiled, target.hbm_gib)
+    text = compiled.as_text()  # a base-size step's HLO runs to megabytes: read it once
+    costs = step_costs(compiled, target.hbm_gib, text)
     return {
         **facts,
         **costs,
@@ -356,7 +358,7 @@ def analyse(compiled, facts: dict, config, target: Target, top: int) -> dict:
             facts["model_flops_per_step"],
             facts["devices"] * target.peak_flops,
         ),
-        **largest(compiled.as_text(), top, within=str(REPO / "embeddings")),
+        **largest(text, top, within=str(REPO / "embeddings")),
     }
 
 
