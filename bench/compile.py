@@ -343,9 +343,15 @@ def rates_at_floor(
     }
 
 
-def analyse(compiled, facts: dict, config, target: Target, top: int) -> dict:
-    """Memory, cost model, rates at the floor and largest ops of a compiled step."""
-    text = compiled.as_text()  # a base-size step's HLO runs to megabytes: read it once
+def analyse(
+    compiled, facts: dict, config, target: Target, top: int, text: str | None = None
+) -> dict:
+    """Memory, cost model, rates at the floor and largest ops of a compiled step.
+
+    `text`: the program's `compiled.as_text()`, when the caller has it already (a
+    base-size step's HLO runs to megabytes: it is rendered once).
+    """
+    text = compiled.as_text() if text is None else text
     costs = step_costs(compiled, target.hbm_gib, text)
     return {
         **facts,
@@ -466,10 +472,11 @@ def main(argv) -> None:
         if _JSON.value:
             print(json.dumps(r))
         return
-    r.update(analyse(compiled, facts, config, target, _TOP.value))
+    text = compiled.as_text()
+    r.update(analyse(compiled, facts, config, target, _TOP.value, text))
     report(r)
     if _HLO.value:
-        pathlib.Path(_HLO.value).write_text(compiled.as_text())
+        pathlib.Path(_HLO.value).write_text(text)
     if _JSON.value:
         print(json.dumps(r))
 
