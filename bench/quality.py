@@ -17,6 +17,9 @@ mean and spread of each metric per trainer and each run's wall time.
     python bench/quality.py --ours_override=--config.data.datasets_per_batch=32
     # both trainers without dropout (is a gain the recipe's or the trainer's?):
     python bench/quality.py --no_dropout
+    # the reference trains on our batches, in our order (is a gap the trainer's or
+    # the batches'?):
+    python bench/quality.py --same_batches [--no_dropout]
 """
 
 from __future__ import annotations
@@ -174,6 +177,11 @@ def main() -> None:
     parser.add_argument(
         "--no_dropout", action="store_true", help="both trainers with every dropout off"
     )
+    parser.add_argument(
+        "--same_batches",
+        action="store_true",
+        help="the reference trains on our pipeline's batches, in our order, one a step",
+    )
     parser.add_argument("--eval_queries", type=int, default=0, help="Debian queries (0 = all)")
     parser.add_argument("--sts_pairs", type=int, default=0, help="STS-B test pairs (0 = all)")
     parser.add_argument(
@@ -207,14 +215,24 @@ def main() -> None:
                     batch_size=args.batch_size,
                     seed=seed,
                     max_seq_length=args.max_seq_length,
-                    overrides=tuple(args.ours_override) if side == "ours" else (),
+                    overrides=tuple(args.ours_override)
+                    if side == "ours" or args.same_batches
+                    else (),
                     log_every=max(1, args.steps // 10),
                     dropout=not args.no_dropout,
+                    same_batches=args.same_batches,
                 )
                 out = folder / f"{side}-{seed}"
                 result = _trainers.run(side, recipe, out)
                 metrics, eval_seconds = _evaluate_in_process(out / "model", args)
                 losses = result["losses"][-5:]
+                extra = {}
+                if result.get("our_tokens") is not None:
+                    # Steps whose real tokens differ from our batch's: a text that did not
+                    # tokenize back to our ids (see _trainers.our_batches).
+                    extra["steps_off_our_tokens"] = sum(
+                        a != b for a, b in zip(result["tokens"], result["our_tokens"], strict=True)
+                    )
                 runs.append(
                     dict(
                         trainer=side,
@@ -224,6 +242,7 @@ def main() -> None:
                         eval_seconds=eval_seconds,
                         final_loss=sum(losses) / len(losses),
                         **metrics,
+                        **extra,
                     )
                 )
                 print(f"{side} seed {seed}: {json.dumps(runs[-1])}", file=sys.stderr, flush=True)
@@ -234,7 +253,8 @@ def main() -> None:
     }
     print(
         f"Quality after {args.steps} steps of {args.config}, {args.seeds} seed(s) per trainer"
-        f"{', every dropout off on both sides' if args.no_dropout else ''}; "
+        f"{', every dropout off on both sides' if args.no_dropout else ''}"
+        f"{', the reference on our batches' if args.same_batches else ''}; "
         f"start: MRR@10 {start['debian_mrr@10']:.4f}, STS-B {start['stsb_spearman']:.4f}"
     )
     rows = [
@@ -254,6 +274,7 @@ def main() -> None:
                 config=args.config,
                 ours_overrides=args.ours_override,
                 dropout=not args.no_dropout,
+                same_batches=args.same_batches,
                 start=start,
                 summary=summary,
                 runs=runs,

@@ -38,11 +38,16 @@ def launched(tmp_path_factory):
     )
     env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0")
     common = ["--config", str(config), "--batch_size", "8", "--json"]
-    quality = "--steps 2 --seeds 1 --max_seq_length 32 --eval_max_seq_length 32"
+    quality = "--seeds 1 --max_seq_length 32 --eval_max_seq_length 32"
     quality += " --eval_queries 20 --sts_pairs 40"
     trainer = ["--steps", "4", "--skip", "1"]
     commands = {
-        "quality": quality.split(),
+        "quality": [*quality.split(), "--steps", "2"],
+        # The reference's limit is configs/tiny.py's document limit (64), or it would cut texts.
+        "quality_same": [
+            *quality.split(),
+            *("--steps", "3", "--same_batches", "--no_dropout", "--max_seq_length", "64"),
+        ],
         "trainer": trainer,
         "trainer_triplet": [*trainer, "--workload", "triplet"],
     }
@@ -87,6 +92,18 @@ def test_quality_bench(launched):
         assert summary["min"] == min(values) and summary["max"] == max(values)
     # The starting model is evaluated too: the untrained tiny model is near chance.
     assert r["start"]["debian_mrr@10"] < 0.2
+
+
+def test_quality_bench_same_batches_trains_the_reference_on_our_batches(launched):
+    # Without dropout, on the same batches, the two trainers make the same updates
+    # (tests/test_update_parity.py): the losses of the 3 steps agree, which they
+    # could not if the reference drew, shuffled or deduplicated its own batches.
+    r = _result(launched, "quality_same")
+    assert r["same_batches"] and not r["dropout"]
+    ours, theirs = sorted(r["runs"], key=lambda x: x["trainer"])
+    assert (ours["trainer"], theirs["trainer"]) == ("ours", "st")
+    assert theirs["steps_off_our_tokens"] == 0  # every decoded text tokenized back alike
+    assert theirs["final_loss"] == pytest.approx(ours["final_loss"], rel=1e-4)
 
 
 def test_trainer_bench(launched):
