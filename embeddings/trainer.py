@@ -18,7 +18,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from embeddings import flops, host_batch
+from embeddings import flops, host_batch, host_memory
 from embeddings.checkpointing import Checkpointer, StateMismatchError, restore_from_path
 from embeddings.config_validation import validate
 from embeddings.data import build_pipeline
@@ -170,6 +170,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         jax.device_count(),
         jax.devices()[0].device_kind,
     )
+
+    # Every compilation's freed memory goes back to the OS before its step runs.
+    host_memory.trim_after_compiles()
 
     # ---- Mesh ----
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
