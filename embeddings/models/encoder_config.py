@@ -66,9 +66,8 @@ class _HFKeys:
     process, which never uses it).
     """
 
-    def __init__(self, hf_config: dict[str, Any], model_type: str):
+    def __init__(self, hf_config: dict[str, Any]):
         self._given = hf_config
-        self._model_type = model_type
         self._defaults = None
 
     def __getattr__(self, name: str):
@@ -230,7 +229,7 @@ class EncoderConfig:
             raise ValueError(
                 f"config.json has model_type={model_type!r}; supported: {SUPPORTED_MODEL_TYPES}."
             )
-        hf = _HFKeys(hf_config, model_type)
+        hf = _HFKeys(hf_config)
         # transformers 5's configs have no such key: a config.json without it is absolute.
         position_type = hf_config.get("position_embedding_type", "absolute")
         if position_type not in (None, "absolute"):
