@@ -15,7 +15,6 @@ nothing is done.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 
 from jax import monitoring
 
@@ -26,14 +25,12 @@ _registered = False
 
 
 def _malloc_trim():
-    """glibc's `malloc_trim`, or None where the C library has none."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    try:
-        return getattr(ctypes.CDLL(name), "malloc_trim", None)
-    except OSError:
-        return None
+    """glibc's `malloc_trim`, or None where the C library has none.
+
+    Looked up among the symbols the process already has loaded (`CDLL(None)`),
+    not with `ctypes.util.find_library`, which runs ldconfig or a compiler.
+    """
+    return getattr(ctypes.CDLL(None), "malloc_trim", None)
 
 
 def trim_after_compiles(trim=None) -> bool:
